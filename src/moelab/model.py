@@ -1,0 +1,373 @@
+"""A Mixtral-style MoE decoder in one readable file (PAPER.md "Model").
+
+    tokens → embedding → L × [RMSNorm → causal self-attention (RoPE, GQA, SDPA) → +
+                              RMSNorm → MoE FFN (token-choice top-k, dropless, SwiGLU experts) → +]
+           → RMSNorm → untied LM head
+
+The MoE FFN follows the torchtitan recipe: router (fp32 logits) → softmax → top-k, renormalised over the chosen k
+as Mixtral does → sort the token copies by expert → one grouped matmul over 3-D expert weights → weighted combine
+with ``index_add_``. There is no capacity factor (nothing is dropped), no one-hot [T, E, C] dispatch tensor and no
+ModuleList of experts. Two backends compute the same function: ``grouped_mm`` (``torch._grouped_mm``) and ``loop``
+(one matmul per expert over its sorted slice, the reference).
+
+Shape suffixes: B batch, T time (query positions), S key positions or token-expert copies, D model width,
+H heads, K kv heads or top-k (by context), h head dim, E experts, F expert hidden size, L layers, V vocabulary.
+
+The auxiliary losses are returned explicitly (OLMo-core style), never stored in globals: ``aux_loss`` is the
+Switch load-balancing loss E·Σ_e f_e·P_e (f_e: fraction of the T·k token copies sent to expert e, P_e: mean router
+probability; 1.0 at perfect balance, as in Megatron-LM which the paper used) and ``z_loss`` is mean(logsumexp²) of
+the router logits; both are means over layers. Each layer adds coef × its own loss to the objective (Megatron's
+convention), so ``loss = lm_loss + L·(aux_coef·aux_loss + z_coef·z_loss)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as Mixtral does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, h] for rotate-half RoPE (Su et al. 2021; HF Llama/Mixtral layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs_Th2 = torch.outer(torch.arange(max_len, dtype=torch.int64).float(), inv_freq)
+    emb_Th = torch.cat([freqs_Th2, freqs_Th2], dim=-1)
+    return emb_Th.cos(), emb_Th.sin()
+
+
+def apply_rope(x_BHTh: torch.Tensor, cos_BTh: torch.Tensor, sin_BTh: torch.Tensor) -> torch.Tensor:
+    h2 = x_BHTh.shape[-1] // 2
+    rot = torch.cat([-x_BHTh[..., h2:], x_BHTh[..., :h2]], dim=-1)
+    cos, sin = cos_BTh.unsqueeze(1).to(x_BHTh.dtype), sin_BTh.unsqueeze(1).to(x_BHTh.dtype)
+    return x_BHTh * cos + rot * sin
+
+
+class KVCache:
+    """Preallocated keys/values for batched generation: [L, B, K, S_max, h] each.
+
+    Every layer writes its new keys at positions ``[length, length + T)``; the model advances ``length`` once per
+    forward call, after all layers have written.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.kv_heads, max_len, cfg.head_size)
+        self.k_LBKSh = torch.empty(shape, device=device, dtype=dtype)
+        self.v_LBKSh = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k_BKTh: torch.Tensor, v_BKTh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k_BKTh.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k_LBKSh[layer, :, :, self.length : end] = k_BKTh
+        self.v_LBKSh[layer, :, :, self.length : end] = v_BKTh
+        return self.k_LBKSh[layer, :, :, :end], self.v_LBKSh[layer, :, :, :end]
+
+    def reorder(self, index_B: torch.Tensor) -> None:
+        """Keep/reorder batch rows (e.g. drop finished sequences)."""
+        self.k_LBKSh = self.k_LBKSh[:, index_B]
+        self.v_LBKSh = self.v_LBKSh[:, index_B]
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE and grouped-query support, through SDPA. No biases."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.h = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        d = cfg.d_model
+        self.wq = nn.Linear(d, self.n_heads * self.h, bias=False)
+        self.wk = nn.Linear(d, self.n_kv * self.h, bias=False)
+        self.wv = nn.Linear(d, self.n_kv * self.h, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.h, d, bias=False)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos_BTh: torch.Tensor,
+        sin_BTh: torch.Tensor,
+        mask_B1TS: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q_BHTh = self.wq(x_BTD).view(B, T, self.n_heads, self.h).transpose(1, 2)
+        k_BKTh = self.wk(x_BTD).view(B, T, self.n_kv, self.h).transpose(1, 2)
+        v_BKTh = self.wv(x_BTD).view(B, T, self.n_kv, self.h).transpose(1, 2)
+        q_BHTh = apply_rope(q_BHTh, cos_BTh, sin_BTh)
+        k_BKTh = apply_rope(k_BKTh, cos_BTh, sin_BTh)
+        if cache is not None:
+            k_BKTh, v_BKTh = cache.update(layer, k_BKTh, v_BKTh)
+        gqa = self.n_kv != self.n_heads
+        if mask_B1TS is None:
+            o_BHTh = F.scaled_dot_product_attention(q_BHTh, k_BKTh, v_BKTh, is_causal=True, enable_gqa=gqa)
+        else:
+            o_BHTh = F.scaled_dot_product_attention(q_BHTh, k_BKTh, v_BKTh, attn_mask=mask_B1TS, enable_gqa=gqa)
+        return self.wo(o_BHTh.transpose(1, 2).reshape(B, T, self.n_heads * self.h))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mixture of experts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def grouped_mm_supported(device: torch.device) -> bool:
+    """``torch._grouped_mm`` runs on CPU (any float dtype) and on CUDA GPUs of compute capability ≥ 9.0."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return False
+
+
+def expert_matmul(
+    x_SI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    """y[s] = x[s] @ w[e(s)]ᵀ for rows sorted by expert e; ``counts_E`` rows per expert, ``offs_E`` their cumsum."""
+    if backend == "grouped_mm":
+        return torch._grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offs_E)
+    # Reference: one matmul per expert over its contiguous slice (syncs once for the counts).
+    outs = [x @ w.t() for x, w in zip(torch.split(x_SI, counts_E.tolist()), w_EOI)]
+    return torch.cat(outs) if outs else x_SI.new_empty(0, w_EOI.shape[1])
+
+
+class MoEFFN(nn.Module):
+    """Token-choice top-k, dropless MoE with SwiGLU experts stored as 3-D weights.
+
+    ``w_gate_up_E2FD`` holds each expert's gate (rows :F) and up (rows F:) projections, ``w_down_EDF`` its down
+    projection — the same [out, in] layout as transformers' ``MixtralExperts`` (gate_up_proj, down_proj).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.ffn = cfg.n_experts, cfg.top_k, cfg.ffn_hidden
+        self.backend = cfg.moe_backend
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.w_gate_up_E2FD = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.ffn_hidden, cfg.d_model))
+        self.w_down_EDF = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.ffn_hidden))
+
+    def resolved_backend(self, x: torch.Tensor) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "grouped_mm" if grouped_mm_supported(x.device) else "loop"
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (y_TD, aux_loss, z_loss, tokens_per_expert_E)."""
+        T, D = x_TD.shape
+        E, K = self.n_experts, self.top_k
+        backend = self.resolved_backend(x_TD)
+
+        # 1. Router in fp32: softmax over all experts, top-k, renormalise over the chosen k (Mixtral).
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, experts_TK = probs_TE.topk(K, dim=-1)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+
+        # 2. Sort the T·K token copies by expert.
+        experts_S = experts_TK.reshape(-1)
+        order_S = experts_S.argsort(stable=True)
+        token_S = order_S // K
+        counts_E = torch.bincount(experts_S, minlength=E)
+        offs_E = counts_E.cumsum(0).to(torch.int32) if backend == "grouped_mm" else None
+
+        # 3. Grouped SwiGLU over the sorted copies. Under autocast, run the expert matmuls in the autocast dtype.
+        dtype = x_TD.dtype
+        if torch.is_autocast_enabled(x_TD.device.type):
+            dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_SD = x_TD[token_S].to(dtype)
+        h_S2F = expert_matmul(x_SD, self.w_gate_up_E2FD.to(dtype), counts_E, offs_E, backend)
+        gate_SF, up_SF = h_S2F.split(self.ffn, dim=-1)
+        a_SF = F.silu(gate_SF) * up_SF
+        y_SD = expert_matmul(a_SF, self.w_down_EDF.to(dtype), counts_E, offs_E, backend)
+
+        # 4. Weighted combine back to token order.
+        y_SD = y_SD * weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
+        out_TD = torch.zeros(T, D, dtype=y_SD.dtype, device=x_TD.device).index_add_(0, token_S, y_SD)
+
+        # 5. Auxiliary losses (Switch load balancing, router z-loss).
+        f_E = counts_E.to(probs_TE.dtype) / (T * K)
+        aux_loss = E * torch.sum(f_E * probs_TE.mean(dim=0))
+        z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        return out_TD.to(x_TD.dtype), aux_loss, z_loss, counts_E.detach()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.moe = MoEFFN(cfg)
+
+    def forward(self, x_BTD, cos_BTh, sin_BTh, mask_B1TS, cache, layer):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_BTh, sin_BTh, mask_B1TS, cache, layer)
+        B, T, D = x_BTD.shape
+        y_TD, aux, z, counts_E = self.moe(self.ffn_norm(x_BTD).reshape(B * T, D))
+        return x_BTD + y_TD.view(B, T, D), aux, z, counts_E
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoEOutput:
+    """What a forward pass returns. ``loss`` and ``lm_loss`` are None without targets."""
+
+    logits: torch.Tensor  # [B, T, V]
+    loss: torch.Tensor | None  # lm_loss + L·(aux_coef·aux_loss + z_coef·z_loss)
+    lm_loss: torch.Tensor | None  # mean next-token cross-entropy (nats) over non-ignored targets
+    aux_loss: torch.Tensor  # Switch load-balancing loss, mean over layers (1.0 = balanced)
+    z_loss: torch.Tensor  # router z-loss, mean over layers
+    expert_counts_LE: torch.Tensor  # token copies routed to each expert, per layer (detached)
+
+
+def load_imbalance(expert_counts_LE: torch.Tensor) -> torch.Tensor:
+    """Per-layer max/mean of tokens per expert (1.0 = perfectly balanced)."""
+    c = expert_counts_LE.float()
+    return c.max(dim=-1).values / c.mean(dim=-1).clamp_min(1e-9)
+
+
+class MoETransformer(nn.Module):
+    """The whole decoder. ``model(input_ids_BT)`` returns an :class:`MoEOutput` whose ``.logits`` are [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix and embedding, ones for norms (PAPER.md "Training")."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, self.cfg.init_std)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        *,
+        position_ids_BT: torch.Tensor | None = None,
+        attention_mask_BS: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> MoEOutput:
+        """Run the decoder.
+
+        targets_BT: next-token targets aligned with the inputs (already shifted; -100 is ignored).
+        position_ids_BT: RoPE positions (default: consecutive from the cache length).
+        attention_mask_BS: key padding mask over all S = cache length + T positions (True/1 = real token), for
+            left-padded batches; with it or with a cache, an explicit causal mask is built.
+        """
+        B, T = input_ids_BT.shape
+        start = cache.length if cache is not None else 0
+        if position_ids_BT is None:
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
+            position_ids_BT = torch.arange(start, start + T, device=input_ids_BT.device).expand(B, T)
+        cos_BTh, sin_BTh = self.rope_cos[position_ids_BT], self.rope_sin[position_ids_BT]
+
+        mask_B1TS = None
+        if cache is not None or attention_mask_BS is not None:
+            S = start + T
+            q_pos = torch.arange(start, S, device=input_ids_BT.device)
+            k_pos = torch.arange(S, device=input_ids_BT.device)
+            mask_B1TS = (k_pos[None, :] <= q_pos[:, None]).view(1, 1, T, S)
+            if attention_mask_BS is not None:
+                keep_BS = attention_mask_BS.bool()
+                mask_B1TS = mask_B1TS & keep_BS[:, None, None, :]
+                # A fully masked query row (a pad position attending only to pads) would give NaN: let it see itself.
+                mask_B1TS = mask_B1TS | (k_pos[None, :] == q_pos[:, None]).view(1, 1, T, S)
+
+        x_BTD = self.embed(input_ids_BT)
+        aux_losses, z_losses, counts = [], [], []
+        for i, block in enumerate(self.blocks):
+            x_BTD, aux, z, counts_E = block(x_BTD, cos_BTh, sin_BTh, mask_B1TS, cache, i)
+            aux_losses.append(aux)
+            z_losses.append(z)
+            counts.append(counts_E)
+        if cache is not None:
+            cache.length += T
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+
+        aux_loss = torch.stack(aux_losses).mean()
+        z_loss = torch.stack(z_losses).mean()
+        lm_loss = loss = None
+        if targets_BT is not None:
+            lm_loss = F.cross_entropy(logits_BTV.float().view(B * T, -1), targets_BT.reshape(-1), ignore_index=-100)
+            L = self.cfg.n_layers
+            loss = lm_loss + L * (self.cfg.aux_loss_coef * aux_loss + self.cfg.z_loss_coef * z_loss)
+        return MoEOutput(logits_BTV, loss, lm_loss, aux_loss, z_loss, torch.stack(counts))
+
+    # Hugging Face Mixtral interop (see moelab.hf) ---------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write a Mixtral-format directory (config.json + model.safetensors) transformers loads."""
+        from .hf import save_pretrained
+
+        return save_pretrained(self, path, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device=None, **overrides) -> "MoETransformer":
+        """Load any Mixtral safetensors directory (ours, or written by transformers)."""
+        from .hf import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, device=device, **overrides)
+
+
+def dense_swiglu_reference(x_TD: torch.Tensor, w_gate_up_2FD: torch.Tensor, w_down_DF: torch.Tensor) -> torch.Tensor:
+    """A plain dense SwiGLU FFN, used to check that E = k = 1 reduces to it."""
+    gate, up = F.linear(x_TD, w_gate_up_2FD).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_down_DF)
+
+
+__all__ = [
+    "KVCache",
+    "MoEFFN",
+    "MoEOutput",
+    "MoETransformer",
+    "RMSNorm",
+    "dense_swiglu_reference",
+    "load_imbalance",
+    "rope_tables",
+]
