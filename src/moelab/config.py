@@ -217,7 +217,7 @@ class DataConfig(StrictModel):
     """The pre-training mixture: sources, tokenizer, held-out split and shard cache (PAPER.md "Training")."""
 
     sources: list[SourceConfig] = Field(min_length=1)
-    tokenizer: TokenizerConfig = TokenizerConfig()
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     cache_dir: str | None = None  # None: $MOELAB_CACHE_DIR/data or ~/.cache/moelab/data
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0)  # fraction of documents held out (paper: ~1 %)
     split_seed: NonNegativeInt = 0  # which documents are held out; fixed across runs so val losses compare
@@ -248,7 +248,7 @@ class SyntheticConfig(StrictModel):
     min_steps: PositiveInt = 2
     max_steps: PositiveInt = 4
     max_number: PositiveInt = 20  # operands are drawn from 1..max_number
-    max_value: PositiveInt = 200  # intermediate quantities stay within 0..max_value
+    max_value: PositiveInt = 200  # intermediate quantities stay within 2..max_value
     n_fewshot: NonNegativeInt = 8  # exemplars (drawn from training items) for few-shot prompts
 
     @model_validator(mode="after")
@@ -257,6 +257,190 @@ class SyntheticConfig(StrictModel):
             raise ValueError(f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
         if self.max_number < 2:
             raise ValueError("max_number must be >= 2")
-        if self.max_value < self.max_number:
-            raise ValueError(f"max_value ({self.max_value}) must be >= max_number ({self.max_number})")
+        if self.max_value < max(self.max_number, 3):
+            raise ValueError(f"max_value ({self.max_value}) must be >= max_number ({self.max_number}) and >= 3")
         return self
+
+
+# --- training ---
+# One pre-training run (moelab.train): model + data + optimizer/schedule/budget/checkpointing, as one YAML file.
+
+from pydantic import Field as _TField, NonNegativeInt as _TNonNegativeInt  # noqa: E402
+
+
+class TrainConfig(StrictModel):
+    """Optimizer, schedule, budget and bookkeeping of a pre-training run (PAPER.md "Training").
+
+    Defaults are the paper's: AdamW β=(0.9, 0.95), eps 1e-8, weight decay 0.1, clip 1.0, peak LR 4e-4 with 2,000
+    linear warmup steps and cosine decay to 10 % of peak, sequence 4096, global batch 1024. The budget is either
+    ``train_tokens`` or ``tpp`` (tokens per total parameter); steps = ceil(tokens / (global_batch · seq_len)).
+    """
+
+    seq_len: PositiveInt = 4096
+    global_batch: PositiveInt = 1024  # sequences per optimizer step, summed over all ranks
+    micro_batch: PositiveInt = 4  # sequences per forward/backward on one rank (gradient accumulation fills the rest)
+    train_tokens: PositiveFloat | None = None  # budget in tokens ...
+    tpp: PositiveFloat | None = None  # ... or in tokens per total parameter (exactly one of the two)
+    lr: PositiveFloat = 4e-4  # peak learning rate
+    min_lr_ratio: float = _TField(0.1, ge=0.0, le=1.0)  # cosine floor as a fraction of the peak
+    warmup: _TNonNegativeInt | float = 2000  # an int: warmup steps; a float in [0, 1): fraction of all steps
+    weight_decay: NonNegativeFloat = 0.1
+    decay_norms: bool = False  # apply weight decay to RMSNorm gains (Megatron-LM: no)
+    decay_embeddings: bool = True  # apply weight decay to the input embedding and LM head (Megatron-LM: yes)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0  # max global gradient L2 norm; 0 disables clipping (the norm is still logged)
+    log_every: PositiveInt = 10  # steps between metrics lines (the last step is always logged)
+    eval_every: _TNonNegativeInt = 1000  # steps between validation passes; 0: only at the end
+    eval_batches: PositiveInt = 4  # validation set = eval_batches × global_batch fixed held-out windows
+    eval_per_source: bool = True  # also log val_loss/<source> when the mixture has several sources
+    ckpt_every: _TNonNegativeInt = 1000  # steps between checkpoints; 0: only at the end (and on a clean stop)
+    keep_last: _TNonNegativeInt = 3  # checkpoints kept on disk; 0 keeps all
+    seed: _TNonNegativeInt = 0  # model initialisation and torch/numpy/python RNGs (data order: data.seed)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile each decoder block
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard per block + root)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if (self.train_tokens is None) == (self.tpp is None):
+            raise ValueError("give exactly one of train_tokens or tpp (the token budget)")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})")
+        if isinstance(self.warmup, float) and not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup: a float is a fraction of the run and must be in [0, 1) (got {self.warmup}); give steps as an integer")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1) (got {list(self.betas)})")
+        return self
+
+
+class RunConfig(StrictModel):
+    """A whole training run as one YAML file: ``model``, ``data``, ``train`` and optionally ``synthetic``.
+
+    With ``synthetic`` set, the synthetic corpus (moelab.synthetic) is generated into ``RUN/data/synthetic`` first
+    and relative ``data.sources`` paths resolve against that directory (otherwise: against the config file's).
+    """
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    synthetic: SyntheticConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return self
+
+
+# --- grpo ---
+# GRPO post-training (moelab.rl, `moelab grpo`); defaults are the paper's (PAPER.md "Evaluation": GRPO).
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, max(cap, 1)) + 1) if n % d == 0)
+
+
+class GRPOConfig(StrictModel):
+    """GRPO with TRL's ``GRPOTrainer`` on a Mixtral checkpoint (docs/grpo.md).
+
+    Defaults reproduce the paper's verl run: lr 5e-6, 5 rollouts per prompt, 1024 prompts per step, k3
+    ("low-variance") KL to the starting model with coefficient 1e-3, no entropy bonus, prompts/responses of at most
+    512/1024 tokens, 100 steps, reward = verified final answer. Batching is counted in prompts, so every generation
+    batch holds whole groups of ``num_generations`` completions (TRL's divisibility rule holds by construction).
+    """
+
+    steps: PositiveInt = 100  # optimizer steps
+    learning_rate: PositiveFloat = 5e-6
+    prompts_per_step: PositiveInt = 1024  # distinct prompts per optimizer step
+    num_generations: int = Field(5, ge=2)  # rollouts per prompt (the group size G)
+    prompts_per_rollout: PositiveInt | None = None  # prompts per generate() call; None: auto (see batching())
+    micro_batch_size: PositiveInt | None = None  # completions per forward/backward; None: auto (see batching())
+    max_prompt_tokens: PositiveInt = 512  # longer training prompts are skipped (verl's filter_overlong_prompts)
+    max_completion_tokens: PositiveInt = 1024
+    beta: NonNegativeFloat = 1e-3  # KL coefficient; the estimator is k3 = exp(r) - r - 1, r = logp_ref - logp
+    kl_bias_correction: bool = False  # TRL's importance-weighted KL gradient (off: plain k3 loss, as verl)
+    entropy_coef: NonNegativeFloat = 0.0
+    temperature: PositiveFloat = 1.0  # rollout sampling
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    clip_epsilon: PositiveFloat = 0.2  # PPO ratio clip
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = "dapo"  # dapo = token mean over the step (verl token-mean)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantage = (r - group mean) / group std
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+    weight_decay: NonNegativeFloat = 0.01
+    max_grad_norm: PositiveFloat = 1.0
+    router_aux_loss_coef: NonNegativeFloat | None = None  # None: the checkpoint's router_aux_loss_coef
+    # reward: lm-eval's GSM8K answer extraction and exact match (moelab.eval), plus an optional format bonus
+    answer_filter: Literal["strict-match", "flexible-extract"] = "strict-match"
+    answer_match: Literal["exact", "numeric"] = "exact"  # numeric: also equal when both parse to the same number
+    format_reward: NonNegativeFloat = 0.0  # added when the completion has a "#### <number>" line
+    prompt_template: str = "Question: {question}\nAnswer:"  # lm-eval gsm8k doc_to_text, zero-shot
+    max_train_prompts: PositiveInt | None = None  # use only the first N training problems
+    # before/after mean reward on held-out (test-split) prompts
+    eval_prompts: NonNegativeInt = 256  # 0: skip
+    eval_samples: PositiveInt = 4  # completions per held-out prompt
+    eval_temperature: NonNegativeFloat | None = None  # None: ``temperature``; 0: greedy (then eval_samples must be 1)
+    eval_max_tokens: PositiveInt | None = None  # None: ``max_completion_tokens``
+    eval_batch_size: PositiveInt = 64
+    seed: NonNegativeInt = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    save_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: the input checkpoint's dtype
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _prompt_template(cls, v: str) -> str:
+        if "{question}" not in v:
+            raise ValueError(f"prompt_template {v!r} must contain '{{question}}'")
+        try:
+            v.format(question="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"prompt_template {v!r} is not a valid template with only {{question}} ({e})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "GRPOConfig":
+        P, G = self.prompts_per_step, self.num_generations
+        if self.prompts_per_rollout is not None and P % self.prompts_per_rollout:
+            raise ValueError(f"prompts_per_rollout ({self.prompts_per_rollout}) must divide prompts_per_step ({P})")
+        b = self.batching()
+        if b["completions_per_rollout"] % b["micro_batch_size"]:
+            raise ValueError(
+                f"micro_batch_size ({b['micro_batch_size']}) must divide the completions per rollout, "
+                f"prompts_per_rollout × num_generations = {b['prompts_per_rollout']} × {G} = {b['completions_per_rollout']}"
+            )
+        if self.eval_temperature == 0.0 and self.eval_samples != 1:
+            raise ValueError(f"eval_samples ({self.eval_samples}) must be 1 with greedy evaluation (eval_temperature 0)")
+        return self
+
+    def batching(self) -> dict[str, int]:
+        """How a step is cut up, as TRL sees it.
+
+        A step has ``prompts_per_step × num_generations`` completions. They are generated ``prompts_per_rollout``
+        prompts at a time and trained on ``micro_batch_size`` completions per forward/backward, with gradient
+        accumulation over the whole step, so each step is one on-policy update. Unset values are chosen:
+        ``prompts_per_rollout`` = the largest divisor of prompts_per_step ≤ 256 / G (when micro_batch_size is set:
+        the smallest divisor at least that large whose rollout batch holds whole micro-batches), and
+        ``micro_batch_size`` = the largest divisor of the rollout batch ≤ 32.
+        """
+        P, G, M = self.prompts_per_step, self.num_generations, self.micro_batch_size
+        ppr = self.prompts_per_rollout
+        if ppr is None:
+            ppr = _largest_divisor_at_most(P, 256 // G)
+            if M is not None and (ppr * G) % M:
+                fits = [d for d in range(ppr, P + 1) if P % d == 0 and (d * G) % M == 0]
+                ppr = fits[0] if fits else P
+        R = ppr * G
+        M = M or _largest_divisor_at_most(R, 32)
+        return {
+            "prompts_per_rollout": ppr,
+            "completions_per_rollout": R,
+            "micro_batch_size": M,
+            "steps_per_generation": R // M,
+            "gradient_accumulation_steps": P * G // M,
+            "completions_per_step": P * G,
+        }
