@@ -27,6 +27,8 @@ def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser],
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="a sweep spec YAML (or preset name: demo, paper): show its resolved runs")
+    p.add_argument("--flops-per-second", type=float, help="with SPEC: assumed sustained FLOP/s per run for the time column")
     p.add_argument("--preset", choices=["paper"], help="a named grid: 'paper' = the paper's 65 models")
     p.add_argument("--d-model", type=int)
     p.add_argument("--layers", type=int, default=16)
@@ -47,6 +49,12 @@ def _run_plan(a: argparse.Namespace) -> int:
     from .accounting import PAPER_TRAIN_TOKENS, paper_grid, plan
     from .config import ModelConfig
 
+    if a.spec is not None:
+        from .sweep import plan_cli
+
+        return plan_cli(a)
+    if a.flops_per_second is not None:
+        raise MoelabError("plan: --flops-per-second needs a SPEC")
     if a.preset == "paper":
         configs = [c.replace(n_layers=a.layers) if a.layers != 16 else c for c in paper_grid()]
     else:
@@ -131,6 +139,251 @@ def _run_demo(a: argparse.Namespace) -> int:
 
 
 register("demo", "run the miniature end-to-end study on synthetic data (CPU, minutes)", _demo_args, _run_demo)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="run config YAML (model / data / train [/ synthetic])")
+    p.add_argument("--preset", help="a packaged config instead of CONFIG: smoke (< 1 min CPU), small (~5 min CPU)")
+    p.add_argument("--out", help="run directory to create (required unless --resume)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint, bit-identically")
+    p.add_argument("--stop-after-steps", type=int, metavar="N", help="stop cleanly after step N with a checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.lr=1e-3 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar; print one line per logged step")
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    import os
+
+    from .train import TrainingDivergedError, apply_overrides, load_config, load_preset, resume, train
+
+    if sum(x is not None for x in (a.config, a.preset, a.resume)) != 1:
+        raise MoelabError("train: give exactly one of CONFIG, --preset NAME or --resume RUN")
+    if a.stop_after_steps is not None and a.stop_after_steps < 1:
+        raise MoelabError(f"train: --stop-after-steps must be >= 1 (got {a.stop_after_steps})")
+    progress = False if a.no_progress else None
+    try:
+        if a.resume is not None:
+            if a.out or a.set:
+                raise MoelabError("train: --resume takes the run's own config; --out and --set do not apply")
+            result = resume(a.resume, stop_after_steps=a.stop_after_steps, progress=progress)
+        else:
+            if not a.out:
+                raise MoelabError("train: --out RUN is required")
+            if a.preset is not None:
+                from .config import RunConfig
+
+                cfg = load_preset(a.preset)
+                if a.set:
+                    cfg = RunConfig.parse(apply_overrides(cfg.model_dump(mode="json"), a.set), where=f"preset {a.preset}")
+                result = train(cfg, a.out, stop_after_steps=a.stop_after_steps, progress=progress)
+            else:
+                from pathlib import Path
+
+                cfg = load_config(a.config, a.set)
+                result = train(cfg, a.out, base_dir=Path(a.config).resolve().parent, stop_after_steps=a.stop_after_steps, progress=progress)
+    except TrainingDivergedError as e:
+        print(f"moelab: error: {e}", file=sys.stderr)
+        return 3
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        where = f" → {result.final_dir}" if result.final_dir else f"; continue with `moelab train --resume {result.run_dir}`"
+        print(f"{result.status} at step {result.step}/{result.total_steps}{val}{where}")
+    return 0
+
+
+register("train", "pre-train a model from a config or preset (resumable, torchrun-aware)", _train_args, _run_train)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sweep (moelab.sweep)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", nargs="?", help="sweep spec YAML, or a packaged preset name (demo, paper)")
+    p.add_argument("--out", required=True, metavar="STUDY", help="study directory (created; re-run to resume)")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                   help="local processes (default), Ray tasks, or SLURM jobs through submitit (spec's slurm: section)")
+    p.add_argument("--parallel", type=int, metavar="N", help="runs at once (local default 1; ray: its CPUs; slurm: all)")
+    p.add_argument("--retry-failed", action="store_true", help="retry failed stages (default: report them, run the rest)")
+    p.add_argument("--dry-run", action="store_true", help="sync the registry and show what would run, run nothing")
+    p.add_argument("--status", action="store_true", help="print the study's registry overview and exit (no SPEC needed)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live overview")
+
+
+def _run_sweep(a: argparse.Namespace) -> int:
+    from .sweep import sweep_cli
+
+    return sweep_cli(a)
+
+
+register("sweep", "run a study: every config of a spec through train → eval (→ post-train → eval), resumable", _sweep_args, _run_sweep)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# analyze / report / recommend (moelab.analysis, moelab.report)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="study directory (registry.sqlite + runs/<run_id>/)")
+
+
+def _run_analyze(a: argparse.Namespace) -> int:
+    from .analysis import analyze
+
+    df, pq, csv = analyze(a.study)
+    n_done = int(df["completed"].sum())
+    print(f"{len(df)} run(s), {n_done} completed, {df.shape[1]} columns -> {pq} and {csv}")
+    return 0
+
+
+register("analyze", "collect every run of a study into one table (STUDY/analysis/runs.parquet, runs.csv)", _analyze_args, _run_analyze)
+
+
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-boot", type=int, default=300, help="bootstrap refits for confidence intervals (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    _analyze_args(p)
+    p.add_argument("--weights", help="objective weights for the per-budget recommendation, e.g. memorization=0.5,reasoning=0.5 "
+                   "(default: families weighted equally)")
+    _fit_args(p)
+
+
+def _run_report(a: argparse.Namespace) -> int:
+    from .analysis import parse_weights
+    from .report import make_report
+
+    path = make_report(a.study, n_boot=a.n_boot, seed=a.seed, weights=parse_weights(a.weights) if a.weights else None)
+    print(f"report -> {path}")
+    return 0
+
+
+register("report", "figures, fitted optimal sparsity and an HTML report of a study (STUDY/report/index.html)", _report_args, _run_report)
+
+
+def _recommend_args(p: argparse.ArgumentParser) -> None:
+    _analyze_args(p)
+    p.add_argument("--flops", type=float, required=True, help="training compute budget C in FLOPs (e.g. 1e18)")
+    p.add_argument("--weights", default="memorization=0.5,reasoning=0.5",
+                   help="NAME=W,... over memorization, reasoning, loss (normalized to sum 1; default: %(default)s)")
+    _fit_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_recommend(a: argparse.Namespace) -> int:
+    from .analysis import parse_weights, recommend
+
+    rec = recommend(a.study, a.flops, parse_weights(a.weights), n_boot=a.n_boot, seed=a.seed)
+    if a.json:
+        print(json.dumps(rec, indent=1))
+        return 0
+    for w in rec["warnings"]:
+        print(f"moelab: warning: {w}", file=sys.stderr)
+    c = rec["config"]
+    print(f"C = {rec['flops']:.3g} FLOPs, weights {', '.join(f'{k}={v:.2g}' for k, v in rec['weights'].items())}")
+    print(f"recommended: {rec['name']}  d={c['d_model']} L={c['n_layers']} E={c['n_experts']} k={c['top_k']} "
+          f"(k/E={rec['density']:.3g}), {rec['train_tokens']:.3g} tokens, TPP {rec['tpp']:.3g}")
+    print(f"{'objective':<14}{'weight':>8}{'predicted':>12}{'95% CI':>22}  unit")
+    for t, p in rec["predicted"].items():
+        ci = "[{:.4f}, {:.4f}]".format(p["lo95"], p["hi95"])
+        print(f"{t:<14}{rec['weights'].get(t, 0.0):>8.2f}{p['value']:>12.4f}{ci:>22}  {p['unit']}")
+    print(f"bootstrap agreement on this choice: {rec['stability']:.0%} of refits; {rec['n_candidates']} in-range candidates")
+    return 0
+
+
+register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a study's fitted law", _recommend_args, _run_recommend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval / task-loss (moelab.eval)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF Mixtral format + tokenizer)")
+    p.add_argument("--tasks", required=True, help="comma-separated: gsm8k,gsm_plus,gsm_plus_mini,hellaswag,triviaqa,synthetic_memory,synthetic_reasoning")
+    p.add_argument("--data-dir", required=True, metavar="DATA", help="local data files (layout: docs/evaluation.md)")
+    p.add_argument("--out", required=True, metavar="RESULT.json", help="where to write the results (atomically)")
+    p.add_argument("--limit", type=int, metavar="N", help="first N items of each task")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="override every task's few-shot count (default: the paper's)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per forward pass (default 16)")
+    p.add_argument("--max-gen-toks", type=int, metavar="N", help="override generation tasks' max new tokens (lm-eval default 256)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling and generation seed (lm-eval's default 1234)")
+    p.add_argument("--self-consistency", type=int, default=0, metavar="N", help="N samples per question on GSM-style tasks (0 = off)")
+    p.add_argument("--sc-temperature", type=float, default=0.6)
+    p.add_argument("--sc-top-p", type=float, default=0.95)
+    p.add_argument("--sc-max-new-tokens", type=int, default=1024)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    from .eval import EvalSettings, run_eval, write_result
+
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    for flag, v, lo in (("--limit", a.limit, 1), ("--num-fewshot", a.num_fewshot, 0), ("--batch-size", a.batch_size, 1),
+                        ("--max-gen-toks", a.max_gen_toks, 1), ("--self-consistency", a.self_consistency, 0), ("--sc-max-new-tokens", a.sc_max_new_tokens, 1)):
+        if v is not None and v < lo:
+            raise MoelabError(f"eval: {flag} must be >= {lo} (got {v})")
+    if not (a.sc_temperature > 0 and 0 < a.sc_top_p <= 1):
+        raise MoelabError("eval: --sc-temperature must be > 0 and --sc-top-p in (0, 1]")
+    settings = EvalSettings(
+        tasks=tasks, data_dir=a.data_dir, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size, device=a.device,
+        dtype=a.dtype, seed=a.seed, self_consistency=a.self_consistency, sc_temperature=a.sc_temperature, sc_top_p=a.sc_top_p,
+        sc_max_new_tokens=a.sc_max_new_tokens, max_gen_toks=a.max_gen_toks,
+    )
+    result = run_eval(a.model, settings, progress=not a.no_progress)
+    write_result(a.out, result)
+    for name, t in result["tasks"].items():
+        acc = ", ".join(f"{k}={v:.4f}" for k, v in t["accuracy"].items() if "stderr" not in k and isinstance(v, (int, float)))
+        tl = t["task_loss"]
+        print(f"{name}: {acc} | task loss {tl['bits_per_token']:.4f} bits/token, {tl['bits_per_byte']:.4f} bits/byte | n={t['n_items']}")
+    print(f"wrote {a.out}")
+    return 0
+
+
+register("eval", "accuracy (lm-eval task definitions), task loss and self-consistency of a checkpoint", _eval_args, _run_eval)
+
+
+def _task_loss_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF Mixtral format + tokenizer)")
+    p.add_argument("--file", required=True, metavar="FILE.json", help='JSON list of {"prompt": ..., "answer": ...}')
+    p.add_argument("--per-item", metavar="OUT.jsonl", help="also write one JSON line per item")
+    p.add_argument("--out", metavar="RESULT.json", help="also write the summary JSON here (atomically)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_task_loss(a: argparse.Namespace) -> int:
+    from .eval import EvalModel, read_task_loss_file, task_loss, write_jsonl_atomic, write_result
+
+    if a.batch_size < 1:
+        raise MoelabError(f"task-loss: --batch-size must be >= 1 (got {a.batch_size})")
+    items = read_task_loss_file(a.file)
+    em = EvalModel(a.model, device=a.device, dtype=a.dtype)
+    res = task_loss(em, [(it["prompt"], it["answer"]) for it in items], batch_size=a.batch_size, progress=not a.no_progress)
+    summary = {"model": str(a.model), "file": str(a.file), **res.summary()}
+    if a.per_item:
+        write_jsonl_atomic(a.per_item, [{"index": i, **row} for i, row in enumerate(res.items)])
+    if a.out:
+        write_result(a.out, summary)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+register("task-loss", "bits/token and bits/byte of gold answers given prompts (PAPER.md task loss)", _task_loss_args, _run_task_loss)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -146,15 +146,110 @@ def grouped_mm_supported(device: torch.device) -> bool:
     return False
 
 
+@torch.library.custom_op("moelab::grouped_mm", mutates_args=())
+def grouped_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """y[s] = x[s] @ w[e]ᵀ for the rows of group e (rows sorted by group, ``offs_E`` int32 end offsets).
+
+    ``torch._grouped_mm`` wrapped as an opaque op with its own shape function and backward: torch's own shape
+    function for it accepts bf16 only, so without the wrapper ``torch.compile`` breaks the graph on fp32 models.
+    """
+    return torch._grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offs_E)
+
+
+@grouped_mm.register_fake
+def _(x_SI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
+
+
+@torch.library.custom_op("moelab::grouped_mm_backward", mutates_args=())
+def _grouped_mm_backward(
+    g_SO: torch.Tensor, x_SI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx = g @ w[e] per group; dw[e] = g_eᵀ @ x_e (a group with no rows gets a zero gradient)."""
+    g_SO = g_SO.contiguous()
+    return torch._grouped_mm(g_SO, w_EOI, offs=offs_E), torch._grouped_mm(g_SO.t(), x_SI, offs=offs_E)
+
+
+@_grouped_mm_backward.register_fake
+def _(g_SO, x_SI, w_EOI, offs_E):
+    return torch.empty_like(x_SI), torch.empty_like(w_EOI)
+
+
+def _grouped_mm_setup_context(ctx, inputs, output) -> None:
+    x_SI, w_EOI, offs_E = inputs
+    ctx.save_for_backward(x_SI, w_EOI, offs_E)
+
+
+def _grouped_mm_grad(ctx, g_SO):
+    x_SI, w_EOI, offs_E = ctx.saved_tensors
+    dx_SI, dw_EOI = _grouped_mm_backward(g_SO, x_SI, w_EOI, offs_E)
+    return dx_SI, dw_EOI, None
+
+
+grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup_context)
+
+
 def expert_matmul(
     x_SI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
-    """y[s] = x[s] @ w[e(s)]ᵀ for rows sorted by expert e; ``counts_E`` rows per expert, ``offs_E`` their cumsum."""
+    """y[s] = x[s] @ w[e(s)]ᵀ for rows sorted by expert e; ``counts_E`` rows per expert, ``offs_E`` their cumsum.
+
+    ``grouped_mm`` takes int32 end offsets and never leaves the device (no host sync, so ``torch.compile`` sees
+    one graph); ``loop`` syncs once for the counts and runs one matmul per expert.
+    """
     if backend == "grouped_mm":
-        return torch._grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offs_E)
+        return grouped_mm(x_SI, w_EOI, offs_E)
     # Reference: one matmul per expert over its contiguous slice (syncs once for the counts).
     outs = [x @ w.t() for x, w in zip(torch.split(x_SI, counts_E.tolist()), w_EOI)]
     return torch.cat(outs) if outs else x_SI.new_empty(0, w_EOI.shape[1])
+
+
+class _GatherCopies(torch.autograd.Function):
+    """x_SD = x_TD[order_S // K]: each token copied to its K slots, in expert-sorted order.
+
+    The backward sums each token's K copy-gradients without atomics (so it is deterministic on GPUs too): the
+    sorted gradients are put back in token-major order [T, K, D] by ``index_copy_`` and summed over K.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, order_S: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order_S)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, order_S // top_k)
+
+    @staticmethod
+    def backward(ctx, g_SD: torch.Tensor):
+        (order_S,) = ctx.saved_tensors
+        S, D = g_SD.shape
+        g_TKD = torch.empty_like(g_SD).index_copy_(0, order_S, g_SD).view(S // ctx.top_k, ctx.top_k, D)
+        return g_TKD.sum(dim=1), None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate)·up over the fused [S, 2F] gate/up projection.
+
+    Saves only its input (autograd would also keep silu(gate)) and writes both halves of the gradient into one
+    [S, 2F] buffer, where autograd would allocate two and concatenate them.
+    """
+
+    @staticmethod
+    def forward(ctx, h_S2F: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h_S2F)
+        gate_SF, up_SF = h_S2F.chunk(2, dim=-1)
+        return F.silu(gate_SF).mul_(up_SF)
+
+    @staticmethod
+    def backward(ctx, g_SF: torch.Tensor) -> torch.Tensor:
+        (h_S2F,) = ctx.saved_tensors
+        gate_SF, up_SF = h_S2F.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # Dynamo cannot trace out= here; Inductor fuses the concat anyway
+            dgate_SF = torch.ops.aten.silu_backward(g_SF * up_SF, gate_SF)
+            return torch.cat([dgate_SF, F.silu(gate_SF) * g_SF], dim=-1)
+        g_S2F = torch.empty_like(h_S2F)
+        dgate_SF, dup_SF = g_S2F.chunk(2, dim=-1)
+        torch.mul(F.silu(gate_SF), g_SF, out=dup_SF)
+        torch.ops.aten.silu_backward.grad_input(g_SF * up_SF, gate_SF, grad_input=dgate_SF)
+        return g_S2F
 
 
 class MoEFFN(nn.Module):
@@ -162,26 +257,42 @@ class MoEFFN(nn.Module):
 
     ``w_gate_up_E2FD`` holds each expert's gate (rows :F) and up (rows F:) projections, ``w_down_EDF`` its down
     projection — the same [out, in] layout as transformers' ``MixtralExperts`` (gate_up_proj, down_proj).
+
+    The token copies are sorted by expert with one stable sort; per-expert offsets come from ``searchsorted`` on
+    the sorted ids (static shapes, no host sync, no atomics). The combine puts the expert outputs back in
+    token-major order [T, K, D] and weights/sums them with one batched matmul, which also gives the routing
+    weights their gradient.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k, self.ffn = cfg.n_experts, cfg.top_k, cfg.ffn_hidden
+        self.d_model = cfg.d_model
         self.backend = cfg.moe_backend
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.w_gate_up_E2FD = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.ffn_hidden, cfg.d_model))
         self.w_down_EDF = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.ffn_hidden))
 
-    def resolved_backend(self, x: torch.Tensor) -> str:
+    def resolved_backend(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+        """``auto`` → ``grouped_mm`` where the device has it and rows are 16-byte multiples, else ``loop``."""
+        aligned = all(n * (dtype or x.dtype).itemsize % 16 == 0 for n in (self.d_model, self.ffn))
+        if self.backend == "grouped_mm" and not aligned:
+            raise ValueError(
+                f"moe_backend 'grouped_mm' needs d_model ({self.d_model}) and ffn_hidden ({self.ffn}) "
+                f"rows of whole 16-byte multiples in {dtype or x.dtype}; use 'auto' or 'loop'"
+            )
         if self.backend != "auto":
             return self.backend
-        return "grouped_mm" if grouped_mm_supported(x.device) else "loop"
+        return "grouped_mm" if aligned and grouped_mm_supported(x.device) else "loop"
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (y_TD, aux_loss, z_loss, tokens_per_expert_E)."""
         T, D = x_TD.shape
         E, K = self.n_experts, self.top_k
-        backend = self.resolved_backend(x_TD)
+        dtype = x_TD.dtype  # the expert matmuls run in the autocast dtype under autocast
+        if torch.is_autocast_enabled(x_TD.device.type):
+            dtype = torch.get_autocast_dtype(x_TD.device.type)
+        backend = self.resolved_backend(x_TD, dtype)
 
         # 1. Router in fp32: softmax over all experts, top-k, renormalise over the chosen k (Mixtral).
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())
@@ -189,26 +300,23 @@ class MoEFFN(nn.Module):
         weights_TK, experts_TK = probs_TE.topk(K, dim=-1)
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
-        # 2. Sort the T·K token copies by expert.
-        experts_S = experts_TK.reshape(-1)
-        order_S = experts_S.argsort(stable=True)
-        token_S = order_S // K
-        counts_E = torch.bincount(experts_S, minlength=E)
-        offs_E = counts_E.cumsum(0).to(torch.int32) if backend == "grouped_mm" else None
+        # 2. Sort the S = T·K token copies by expert; offs_E[e] = end of expert e's rows.
+        sorted_experts_S, order_S = experts_TK.reshape(-1).sort(stable=True)
+        ends_E = torch.searchsorted(sorted_experts_S, torch.arange(E, device=x_TD.device), right=True)
+        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
 
-        # 3. Grouped SwiGLU over the sorted copies. Under autocast, run the expert matmuls in the autocast dtype.
-        dtype = x_TD.dtype
-        if torch.is_autocast_enabled(x_TD.device.type):
-            dtype = torch.get_autocast_dtype(x_TD.device.type)
-        x_SD = x_TD[token_S].to(dtype)
-        h_S2F = expert_matmul(x_SD, self.w_gate_up_E2FD.to(dtype), counts_E, offs_E, backend)
-        gate_SF, up_SF = h_S2F.split(self.ffn, dim=-1)
-        a_SF = F.silu(gate_SF) * up_SF
-        y_SD = expert_matmul(a_SF, self.w_down_EDF.to(dtype), counts_E, offs_E, backend)
+        # 3. Grouped SwiGLU over the sorted copies.
+        w_gate_up, w_down = self.w_gate_up_E2FD, self.w_down_EDF
+        if w_gate_up.dtype != dtype:
+            w_gate_up, w_down = w_gate_up.to(dtype), w_down.to(dtype)
+        offs_E = ends_E.to(torch.int32) if backend == "grouped_mm" else None
+        x_SD = _GatherCopies.apply(x_TD.to(dtype), order_S, K)
+        h_S2F = expert_matmul(x_SD, w_gate_up, counts_E, offs_E, backend)
+        y_SD = expert_matmul(_SwiGLU.apply(h_S2F), w_down, counts_E, offs_E, backend)
 
-        # 4. Weighted combine back to token order.
-        y_SD = y_SD * weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
-        out_TD = torch.zeros(T, D, dtype=y_SD.dtype, device=x_TD.device).index_add_(0, token_S, y_SD)
+        # 4. Combine: back to token-major order, then out[t] = Σ_k weight[t, k] · y[t, k] as one batched matmul.
+        y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, K, D)
+        out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
         # 5. Auxiliary losses (Switch load balancing, router z-loss).
         f_E = counts_E.to(probs_TE.dtype) / (T * K)

@@ -1,0 +1,213 @@
+"""``moelab eval`` end to end on fixture data in the published formats, the local task loaders (including the real
+GSM-Plus testmini file when /work/shared has it), and the task definitions scored with an oracle model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+import pytest
+import torch
+from lm_eval import simple_evaluate
+from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
+
+from moelab.cli import main
+from moelab.config import ModelConfig
+from moelab.eval import EvalModel, TASKS, lm_eval_task_config, task_loss
+from moelab.hf import from_hf_config
+
+from fixtures.eval.build import build_checkpoint, build_data_dir
+
+SHARED_GSM_PLUS = Path("/work/shared/data/gsm_plus_testmini.jsonl")
+ALL = ["gsm8k", "gsm_plus_mini", "hellaswag", "triviaqa", "synthetic_memory", "synthetic_reasoning"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def result(ckpt, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("res") / "sub" / "RESULT.json"
+    argv = ["eval", "--model", str(ckpt), "--tasks", ",".join(ALL), "--data-dir", str(data), "--out", str(out), "--limit", "2",
+            "--max-gen-toks", "12", "--batch-size", "4", "--self-consistency", "4", "--sc-max-new-tokens", "12", "--no-progress"]
+    assert main(argv) == 0
+    assert [p.name for p in out.parent.iterdir()] == ["RESULT.json"]  # written atomically, no temp file left
+    return json.loads(out.read_text())
+
+
+def test_eval_result_has_every_task_with_lm_eval_metrics_and_task_loss(result, ckpt):
+    tasks = result["tasks"]
+    assert list(tasks) == ALL
+    expect = {
+        "gsm8k": {"exact_match,strict-match", "exact_match,flexible-extract"},
+        "gsm_plus_mini": {"exact_match,strict-match", "exact_match,flexible-extract"},
+        "synthetic_reasoning": {"exact_match,strict-match", "exact_match,flexible-extract"},
+        "hellaswag": {"acc,none", "acc_norm,none"},
+        "triviaqa": {"exact_match,remove_whitespace"},
+        "synthetic_memory": {"exact_match,strip"},
+    }
+    for name, keys in expect.items():
+        t = tasks[name]
+        assert keys <= set(t["accuracy"]) and all(0.0 <= t["accuracy"][k] <= 1.0 for k in keys), name
+        assert {k.replace("_stderr", "") for k in t["accuracy"] if "stderr" in k} == keys
+        assert t["n_items"] == 2
+        tl = t["task_loss"]
+        assert tl["n_items"] == 2 and tl["answer_tokens"] > 0 and 0 < tl["bits_per_token"] < 64 and 0 < tl["bits_per_byte"] < 64
+        assert t["settings"]["num_fewshot"] == TASKS[name].num_fewshot  # paper defaults: 4, and 5 for GSM-Plus
+    assert tasks["gsm_plus_mini"]["settings"]["num_fewshot"] == 5 and tasks["gsm8k"]["settings"]["num_fewshot"] == 4
+    assert tasks["gsm8k"]["settings"]["generation_kwargs"]["max_gen_toks"] == 12
+    assert tasks["gsm8k"]["n_items_total"] == 5
+    cfg = from_hf_config(json.loads((ckpt / "config.json").read_text()))
+    acc = result["model"]["accounting"]
+    assert (acc["total_params"], acc["active_params"]) == (cfg.num_params, cfg.num_active_params)
+    assert acc["train_tokens"] is None and acc["tpp"] is None  # not inside a training run
+    assert result["settings"]["limit"] == 2 and result["settings"]["lm_eval_version"] == "0.4.13"
+
+
+def test_self_consistency_block(result):
+    for name in ("gsm8k", "gsm_plus_mini", "synthetic_reasoning"):
+        sc = result["tasks"][name]["self_consistency"]
+        assert (sc["n_samples"], sc["temperature"], sc["top_p"]) == (4, 0.6, 0.95)
+        for filt in ("strict-match", "flexible-extract"):
+            cov, maj = sc[filt]["coverage"], sc[filt]["majority"]
+            assert list(cov) == ["1", "2", "4"] and list(maj) == ["1", "2", "4"]
+            assert cov["1"] <= cov["2"] <= cov["4"] and all(maj[n] <= sc[filt]["coverage_first"][n] for n in maj)
+    assert "self_consistency" not in result["tasks"]["hellaswag"]
+
+
+def test_task_loss_in_eval_scores_prompt_plus_gold_answer(ckpt, data, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(ckpt), "--tasks", "gsm8k,triviaqa", "--data-dir", str(data), "--out", str(out),
+                 "--limit", "3", "--num-fewshot", "0", "--max-gen-toks", "4", "--no-progress"]) == 0
+    res = json.loads(out.read_text())["tasks"]
+    em = EvalModel(ckpt)
+    rows = [json.loads(line) for line in (data / "gsm8k" / "test.jsonl").read_text().splitlines()][:3]
+    want = task_loss(em, [(f"Question: {r['question']}\nAnswer:", " " + r["answer"]) for r in rows])
+    assert res["gsm8k"]["task_loss"]["bits_per_token"] == pytest.approx(want.bits_per_token, rel=1e-6)
+    assert res["gsm8k"]["task_loss"]["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-6)
+    rows = [json.loads(line) for line in (data / "triviaqa" / "validation.jsonl").read_text().splitlines()][:3]
+    want = task_loss(em, [(f"Question: {r['question']}?\nAnswer:", " " + r["answer"]["aliases"][0]) for r in rows])
+    assert res["triviaqa"]["task_loss"]["bits_per_token"] == pytest.approx(want.bits_per_token, rel=1e-6)
+
+
+def test_missing_data_file_names_the_task_and_expected_path(ckpt, tmp_path, capsys):
+    data = build_data_dir(tmp_path / "d", synthetic=False)
+    (data / "hellaswag" / "train.jsonl").unlink()
+    args = ["eval", "--model", str(ckpt), "--data-dir", str(data), "--out", str(tmp_path / "r.json")]
+    assert main(args + ["--tasks", "gsm8k,hellaswag"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moelab: error: task hellaswag: missing data file {data}/hellaswag/train.{{jsonl|json|parquet}} (few-shot exemplars)"
+    assert main(args + ["--tasks", "gsm_plus"]) == 2
+    assert f"task gsm_plus: missing data file {data}/gsm_plus/test." in capsys.readouterr().err
+    assert main(args + ["--tasks", "synthetic_reasoning"]) == 2
+    assert f"{data}/synthetic/synthetic_reasoning." in capsys.readouterr().err
+    assert main(args + ["--tasks", "mmlu"]) == 2
+    assert "unknown task 'mmlu'" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+    # zero-shot needs no few-shot file
+    assert main(args + ["--tasks", "hellaswag", "--num-fewshot", "0", "--limit", "1", "--no-progress"]) == 0
+
+
+def test_triviaqa_from_parquet_like_the_hf_release(tmp_path):
+    data = build_data_dir(tmp_path / "d", synthetic=False)
+    for split in ("train", "validation"):
+        src = data / "triviaqa" / f"{split}.jsonl"
+        rows = [json.loads(line) for line in src.read_text().splitlines()]
+        pq.write_table(pa.Table.from_pylist(rows), data / "triviaqa" / f"{split}.parquet")
+        src.unlink()
+    cfg = lm_eval_task_config("triviaqa", data)
+    assert cfg["dataset_path"] == "parquet" and cfg["doc_to_target"] == "{{answer.aliases}}"
+    task = TaskManager(include_defaults=False).load([cfg])["tasks"]["triviaqa"]
+    doc = task.eval_docs[1]
+    assert task.doc_to_text(doc) == "Question: Who wrote the play Hamlet?\nAnswer:"
+    assert task.doc_to_target(doc) == ["William Shakespeare", "Shakespeare"]
+
+
+class OracleLM(LM):
+    """Answers every generation request with the gold text of the question in the prompt (or a wrong one)."""
+
+    def __init__(self, gold: dict[str, str], wrong: bool = False):
+        super().__init__()
+        self.gold, self.wrong = gold, wrong
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = []
+        for r in requests:
+            ctx = r.args[0]
+            if ctx.endswith("\nAnswer:"):
+                q = ctx.rsplit("Question: ", 1)[1].removesuffix("\nAnswer:")
+            else:
+                q = ctx.rsplit("Q: ", 1)[1].removesuffix("\nA:")
+            out.append(" nobody knows\n#### 123456789" if self.wrong else " " + self.gold[q])
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError
+
+
+def _oracle_eval(data, names, gold, wrong=False, limit=None):
+    tm = TaskManager(include_defaults=False)
+    cfgs = [lm_eval_task_config(n, data) for n in names]
+    return simple_evaluate(model=OracleLM(gold, wrong), tasks=cfgs, task_manager=tm, limit=limit, bootstrap_iters=0, log_samples=False)["results"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_synthetic_tasks_score_gold_answers_as_correct(data):
+    gold = {r["question"]: r["answer"] for f in ("synthetic_reasoning", "synthetic_memory") for r in _rows(data / "synthetic" / f"{f}.jsonl")}
+    right = _oracle_eval(data, ["synthetic_reasoning", "synthetic_memory"], gold)
+    assert right["synthetic_reasoning"]["exact_match,strict-match"] == 1.0
+    assert right["synthetic_reasoning"]["exact_match,flexible-extract"] == 1.0
+    assert right["synthetic_memory"]["exact_match,strip"] == 1.0
+    wrong = _oracle_eval(data, ["synthetic_reasoning", "synthetic_memory"], gold, wrong=True)
+    assert wrong["synthetic_reasoning"]["exact_match,strict-match"] == 0.0 and wrong["synthetic_memory"]["exact_match,strip"] == 0.0
+
+
+def test_gsm_tasks_follow_lm_evals_protocol_with_gold_solutions(data):
+    gold = {r["question"]: r["answer"] for r in _rows(data / "gsm8k" / "test.jsonl")}
+    gold |= {r["question"]: r["solution"] for r in _rows(data / "gsm_plus" / "testmini.jsonl")}
+    res = _oracle_eval(data, ["gsm8k", "gsm_plus_mini"], gold)
+    assert res["gsm8k"]["exact_match,strict-match"] == 1.0
+    # GSM-Plus critical-thinking items have answer "None": no number can match, as in lm-eval (1 of 7 items).
+    assert res["gsm_plus_mini"]["exact_match,strict-match"] == pytest.approx(6 / 7)
+
+
+@pytest.mark.skipif(not SHARED_GSM_PLUS.is_file(), reason="GSM-Plus testmini not available under /work/shared/data")
+def test_gsm_plus_loader_on_the_published_testmini_file(tmp_path):
+    (tmp_path / "gsm_plus").mkdir()
+    shutil.copyfile(SHARED_GSM_PLUS, tmp_path / "gsm_plus" / "testmini.jsonl")
+    task = TaskManager(include_defaults=False).load([lm_eval_task_config("gsm_plus_mini", tmp_path)])["tasks"]["gsm_plus_mini"]
+    rows = _rows(SHARED_GSM_PLUS)
+    assert len(task.eval_docs) == len(rows) == 2400
+    assert {"question", "solution", "answer", "perturbation_type"} <= set(task.eval_docs.features)
+    gold = {r["question"]: r["solution"] for r in rows}
+    n = 40
+    res = _oracle_eval(tmp_path, ["gsm_plus_mini"], gold, limit=n)
+    plain = sum(r["perturbation_type"] != "critical thinking" and re.fullmatch(r"-?[0-9.,]+", r["answer"]) is not None for r in rows[:n])
+    assert res["gsm_plus_mini"]["exact_match,strict-match"] == pytest.approx(plain / n)

@@ -1,0 +1,157 @@
+"""moelab.generate: batched KV-cache generation and batched scoring against transformers' Mixtral on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from moelab.generate import StopStrings, generate, generate_batched, sample_next, score_continuations
+from moelab.model import MoETransformer
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only add contention on a shared 2-core CI box
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = tiny_config(init_std=0.3, max_seq_len=256)  # large init: peaked logits, no argmax near-ties
+    ours = MoETransformer(cfg).eval()
+    path = tmp_path_factory.mktemp("gen_ckpt")
+    ours.save_pretrained(path)
+    theirs = AutoModelForCausalLM.from_pretrained(path).eval()
+    theirs.generation_config.eos_token_id = None  # MixtralConfig's default eos id 2 would end rows early
+    return ours, theirs
+
+
+def _prompts(lengths, vocab=101, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(hf, prompts, n_new):
+    P = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), P, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(p)
+        am[i, P - len(p) :] = 1
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=am, max_new_tokens=n_new, do_sample=False, pad_token_id=0)
+    return out[:, P:].tolist()
+
+
+def test_greedy_left_padded_batch_equals_transformers_generate(models):
+    ours, theirs = models
+    prompts = _prompts([5, 17, 1, 9, 30])
+    assert generate(ours, prompts, 24) == _hf_greedy(theirs, prompts, 24)
+
+
+def test_batched_equals_one_by_one_and_order_is_kept(models):
+    ours, _ = models
+    prompts = _prompts([3, 12, 7, 20, 4], seed=2)
+    single = [generate(ours, [p], 16)[0] for p in prompts]
+    assert generate(ours, prompts, 16) == single
+    assert generate_batched(ours, prompts, 16, batch_size=2) == single  # sorted by length inside, original order out
+
+
+def test_eos_and_stop_end_rows_without_touching_other_rows(models):
+    ours, _ = models
+    prompts = _prompts([6, 11, 8], seed=3)
+    free = generate(ours, prompts, 20)
+    # Row 1 ends at the first occurrence of its 6th token (EOS, excluded); the other rows must not change.
+    eos = free[1][5]
+    cut = free[1].index(eos)
+    out = generate(ours, prompts, 20, eos_token_ids=[eos])
+    assert out[1] == free[1][:cut]
+    for r in (0, 2):
+        assert out[r] == (free[r][: free[r].index(eos)] if eos in free[r] else free[r])
+    # A stop condition keeps the token that completed it.
+    stop_tok = free[0][3]
+    out = generate(ours, prompts, 20, stop=lambda toks: toks[-1] == stop_tok)
+    assert out[0] == free[0][: free[0].index(stop_tok) + 1]
+
+
+def test_stop_strings_window_sees_multi_token_stop():
+    decode = lambda toks: "".join(chr(97 + t) for t in toks)  # noqa: E731  token t -> letter
+    stop = StopStrings(["cde", "zz"], decode)
+    assert not stop([0, 1, 2, 3])  # "abcd"
+    assert stop([0, 1, 2, 3, 4])  # "abcde"
+    assert stop([7] * 30 + [2, 3, 4])  # far from the start: only the tail is decoded
+    assert not StopStrings([], decode)([2, 3, 4])
+
+
+def test_num_samples_share_one_prefill_and_greedy_samples_are_identical(models):
+    ours, _ = models
+    prompts = _prompts([4, 9], seed=4)
+    greedy = generate(ours, prompts, 10)
+    out = generate(ours, prompts, 10, num_samples=3)
+    assert out == [greedy[0]] * 3 + [greedy[1]] * 3
+    # More samples than the batch: split over several calls, same result.
+    assert generate_batched(ours, prompts, 10, batch_size=2, num_samples=3) == out
+
+
+def test_sampling_is_seeded_and_respects_top_k(models):
+    ours, _ = models
+    prompts = _prompts([5, 7], seed=5)
+    a = generate(ours, prompts, 12, temperature=1.0, num_samples=4, generator=torch.Generator().manual_seed(7))
+    b = generate(ours, prompts, 12, temperature=1.0, num_samples=4, generator=torch.Generator().manual_seed(7))
+    assert a == b
+    assert len({tuple(x) for x in a[:4]}) > 1  # samples differ
+    # top_k=1 at any temperature is greedy.
+    assert generate(ours, prompts, 12, temperature=5.0, top_k=1, generator=torch.Generator().manual_seed(0)) == generate(ours, prompts, 12)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 so token 1 (crossing 0.7) is kept, tokens 2 and 3 never
+    draws = {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(100)}
+    assert draws == {0}
+    draws = {sample_next(logits, 1.0, top_p=0.95, generator=g).item() for _ in range(600)}
+    assert draws == {0, 1, 2}
+    assert sample_next(logits, 0.0).item() == 0
+
+
+def test_prompt_too_long_is_refused(models):
+    ours, _ = models
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(ours, [[1] * 250], 10)
+
+
+def test_score_continuations_equals_log_softmax_of_transformers(models):
+    ours, theirs = models
+    g = torch.Generator().manual_seed(6)
+    reqs = [(torch.randint(2, 101, (c,), generator=g).tolist(), torch.randint(2, 101, (k,), generator=g).tolist()) for c, k in [(5, 3), (1, 1), (20, 7), (9, 2)]]
+    got = score_continuations(ours, reqs, batch_size=3)
+    for (ctx, cont), (lp, greedy) in zip(reqs, got):
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = F.log_softmax(theirs(ids).logits.float(), dim=-1)[0]
+        pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        want = logp[pos, torch.tensor(cont)]
+        assert lp == pytest.approx(want.sum().item(), abs=1e-4)
+        assert greedy == bool((logp[pos].argmax(-1) == torch.tensor(cont)).all())
+    # A greedy continuation is recognised as such.
+    ctx = reqs[2][0]
+    cont = generate(ours, [ctx], 4)[0]
+    assert score_continuations(ours, [(ctx, cont)])[0][1] is True
+
+
+def test_score_continuations_truncates_long_inputs_from_the_left(models):
+    ours, _ = models
+    g = torch.Generator().manual_seed(8)
+    ctx, cont = torch.randint(2, 101, (40,), generator=g).tolist(), torch.randint(2, 101, (5,), generator=g).tolist()
+    full = score_continuations(ours, [(ctx[-(16 - 5 + 1) :], cont)], max_length=64)[0]
+    trunc = score_continuations(ours, [(ctx, cont)], max_length=16)[0]
+    assert trunc[0] == pytest.approx(full[0], abs=1e-5)

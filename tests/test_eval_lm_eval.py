@@ -1,0 +1,108 @@
+"""The ``moelab`` lm-eval backend against lm-eval's own ``hf`` backend on the same checkpoint (loaded by transformers
+as MixtralForCausalLM): same accuracies, same generations, same log-likelihoods, on local variants of lm-eval's tasks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import moelab.lm_eval_backend  # noqa: F401  (registers "moelab")
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+from lm_eval.tasks import TaskManager
+
+from moelab.eval import export_task_yamls, lm_eval_task_config
+from moelab.lm_eval_backend import MoelabLM
+
+from fixtures.eval.build import build_data_dir, build_trained_checkpoint
+
+TASKS = ("gsm8k", "triviaqa", "hellaswag")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_trained_checkpoint(tmp_path_factory.mktemp("trained_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_data_dir(tmp_path_factory.mktemp("eval_data"), synthetic=False)
+
+
+def _evaluate(model: str, model_args: str, data, **kw):
+    tm = TaskManager(include_defaults=False)
+    cfgs = [lm_eval_task_config(t, data, num_fewshot=2) for t in TASKS]
+    return simple_evaluate(model=model, model_args=model_args, tasks=cfgs, task_manager=tm, limit=4, log_samples=True,
+                           gen_kwargs={"max_gen_toks": 40}, batch_size=3, device="cpu", bootstrap_iters=0, **kw)
+
+
+def test_backend_is_registered():
+    assert get_model("moelab") is MoelabLM
+
+
+def test_moelab_and_hf_backends_agree(ckpt, data):
+    ours = _evaluate("moelab", f"pretrained={ckpt}", data)
+    theirs = _evaluate("hf", f"pretrained={ckpt},dtype=float32", data)
+    for task in TASKS:
+        metrics = {k: v for k, v in ours["results"][task].items() if "," in k and "stderr" not in k}
+        assert metrics and metrics == {k: theirs["results"][task][k] for k in metrics}, task
+        for a, b in zip(ours["samples"][task], theirs["samples"][task], strict=True):
+            assert a["arguments"] == b["arguments"]  # same prompts (lm-eval's few-shot sampling, same seed)
+            if task == "hellaswag":
+                for (lp_a, g_a), (lp_b, g_b) in zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"]), strict=True):
+                    assert lp_a == pytest.approx(lp_b, abs=1e-3) and g_a == g_b
+            else:
+                assert a["resps"] == b["resps"] and a["filtered_resps"] == b["filtered_resps"]
+    # The fixture model was trained on GSM8K-style text: generations have structure and stop sequences fire.
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    gens = [s["resps"][0][0] for t in ("gsm8k", "triviaqa") for s in ours["samples"][t]]
+    assert any("####" in g for g in gens)
+    assert any(len(tok.encode(g)) < 35 for g in gens)  # some generations ended at a stop sequence
+
+
+def test_loglikelihood_rolling_matches_hf_across_windows(ckpt):
+    from lm_eval.models.huggingface import HFLM
+
+    texts = ["Question: How many legs does a spider have?\nAnswer: Eight", "A baker makes 12 muffins. " * 6]
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), 0) for t in texts]
+    ours = MoelabLM(pretrained=str(ckpt), max_length=24, batch_size=2, progress=False).loglikelihood_rolling(reqs)
+    theirs = HFLM(pretrained=str(ckpt), max_length=24, batch_size=2, device="cpu", dtype="float32").loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert ours == pytest.approx(theirs, abs=1e-3)
+
+
+def test_exported_yamls_are_lm_evals_own_tasks_with_local_data(tmp_path, data):
+    paths = export_task_yamls(tmp_path / "tasks", data)
+    assert sorted(p.stem for p in paths) == sorted(["gsm8k", "gsm_plus_mini", "hellaswag", "triviaqa"])  # files present
+    text = (tmp_path / "tasks" / "gsm8k.yaml").read_text()
+    assert "include:" in text and "lm_eval/tasks/gsm8k/gsm8k.yaml" in text and "dataset_path: json" in text
+    tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    task = tm.load(["gsm8k"])["tasks"]["gsm8k"]
+    assert task.config.doc_to_text == "Question: {{question}}\nAnswer:"  # lm-eval's prompt
+    assert [f["name"] for f in task.config.filter_list] == ["strict-match", "flexible-extract"]
+    assert len(task.eval_docs) == 5 and task.config.num_fewshot == 4
+
+
+@pytest.mark.slow  # lm-eval's CLI indexes its ~14k built-in tasks first (~40 s)
+def test_lm_eval_cli_wrapper_runs_the_moelab_backend(ckpt, data, tmp_path):
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "moelab.lm_eval_cli", "run", "--model", "moelab", "--model_args", f"pretrained={ckpt}",
+           "--tasks", "triviaqa", "--moelab_data_dir", str(data), "--limit", "2", "--num_fewshot", "1", "--output_path", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (res_file,) = list(out.rglob("results_*.json"))
+    res = json.loads(res_file.read_text())
+    assert "exact_match,remove_whitespace" in res["results"]["triviaqa"]
