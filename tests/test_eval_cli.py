@@ -81,7 +81,7 @@ def test_eval_result_has_every_task_with_lm_eval_metrics_and_task_loss(result, c
     cfg = from_hf_config(json.loads((ckpt / "config.json").read_text()))
     acc = result["model"]["accounting"]
     assert (acc["total_params"], acc["active_params"]) == (cfg.num_params, cfg.num_active_params)
-    assert acc["train_tokens"] is None and acc["tpp"] is None  # not inside a training run
+    assert acc["train_tokens"] is None and acc["tpp"] is None and result["training"] is None  # not inside a training run
     assert result["settings"]["limit"] == 2 and result["settings"]["lm_eval_version"] == "0.4.13"
 
 
@@ -211,3 +211,39 @@ def test_gsm_plus_loader_on_the_published_testmini_file(tmp_path):
     res = _oracle_eval(tmp_path, ["gsm_plus_mini"], gold, limit=n)
     plain = sum(r["perturbation_type"] != "critical thinking" and re.fullmatch(r"-?[0-9.,]+", r["answer"]) is not None for r in rows[:n])
     assert res["gsm_plus_mini"]["exact_match,strict-match"] == pytest.approx(plain / n)
+
+
+def test_training_losses_of_a_run_checkpoint(tmp_path):
+    """A checkpoint inside a `moelab train` run gets the training and validation loss logged at or before its step."""
+    from moelab.eval import find_train_tokens, training_losses
+
+    run = tmp_path / "RUN"
+    ckpt = run / "checkpoints" / "step_0000020"
+    ckpt.mkdir(parents=True)
+    (run / "final").mkdir()
+    (run / "run.json").write_text(json.dumps({"step": 40, "budget": {"train_tokens": 40960}, "plan": {"seq_len": 64}}))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 20, "tokens": 20480}))
+    recs = [{"step": 10, "loss": 5.1, "lm_loss": 5.0}, {"step": 20, "loss": 4.3, "lm_loss": 4.2, "val_loss": 4.4, "val_loss/memory": 4.6},
+            {"step": 30, "loss": 3.9, "lm_loss": 3.8}, {"step": 40, "loss": 3.5, "lm_loss": 3.4, "val_loss": 3.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 41, "lo')  # torn last line
+    at20 = training_losses(ckpt)
+    assert (at20["checkpoint_step"], at20["train_loss"], at20["train_loss_total"], at20["val_loss"]) == (20, 4.2, 4.3, 4.4)
+    assert at20["val_losses"] == {"val_loss/memory": 4.6} and at20["val_loss_step"] == 20
+    final = training_losses(run / "final")
+    assert (final["checkpoint_step"], final["train_loss"], final["val_loss"], final["val_losses"]) == (40, 3.4, 3.6, {})
+    assert find_train_tokens(ckpt)[:2] == (20480.0, 64) and find_train_tokens(run / "final")[:2] == (40960.0, 64)
+    assert training_losses(tmp_path) is None  # not inside a run
+
+
+def test_answers_longer_than_the_context_give_no_task_loss_but_keep_accuracy(tmp_path, capsys):
+    small = build_checkpoint(tmp_path / "ctx24", max_seq_len=24)
+    data = build_data_dir(tmp_path / "d", synthetic=False)
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(small), "--tasks", "gsm8k,triviaqa", "--data-dir", str(data), "--out", str(out), "--limit", "2",
+            "--num-fewshot", "0", "--max-gen-toks", "4", "--no-progress"]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())["tasks"]
+    assert res["gsm8k"]["task_loss"] is None and "exact_match,strict-match" in res["gsm8k"]["accuracy"]
+    assert re.fullmatch(r"task loss: item \d: the answer has \d+ tokens, more than the model's context of 24", res["gsm8k"]["task_loss_error"])
+    assert res["triviaqa"]["task_loss"]["n_items"] == 2 and "task_loss_error" not in res["triviaqa"]  # short answers fit
+    assert "gsm8k: exact_match,strict-match=" in capsys.readouterr().out

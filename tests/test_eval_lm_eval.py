@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,10 +97,37 @@ def test_exported_yamls_are_lm_evals_own_tasks_with_local_data(tmp_path, data):
     assert len(task.eval_docs) == 5 and task.config.num_fewshot == 4
 
 
+def test_moelab_lm_eval_passes_lm_evals_arguments_through(monkeypatch, data):
+    """`moelab lm-eval ARGS` = lm-eval's CLI on ARGS (legacy form without `run` included), with the backend registered
+    and --moelab_data_dir turned into an --include_path of local task YAMLs that exists while the CLI runs."""
+    import lm_eval.__main__
+
+    from moelab.cli import main
+
+    seen = []
+
+    def fake_cli():
+        inc = Path(sys.argv[sys.argv.index("--include_path") + 1]) if "--include_path" in sys.argv else None
+        seen.append((list(sys.argv[1:]), inc, sorted(p.name for p in inc.iterdir()) if inc else None, get_model("moelab")))
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
+    monkeypatch.setattr(sys, "argv", ["moelab"])
+    args = ["--model", "moelab", "--model_args", "pretrained=CKPT", "--tasks", "gsm8k", "--limit", "2"]
+    assert main(["lm-eval", *args[:6], "--moelab_data_dir", str(data), *args[6:]]) == 0
+    argv, inc, yamls, model = seen[-1]
+    assert argv == [*args, "--include_path", str(inc)] and model is MoelabLM
+    assert yamls == ["gsm8k.yaml", "gsm_plus_mini.yaml", "hellaswag.yaml", "triviaqa.yaml"] and not inc.exists()  # cleaned up
+    assert main(["lm-eval", "run", "-h", f"--moelab_data_dir={data}"]) == 0
+    assert seen[-1][0][:2] == ["run", "-h"] and seen[-1][2] == yamls
+    assert main(["lm-eval", "ls", "tasks"]) == 0 and seen[-1][0] == ["ls", "tasks"] and seen[-1][1] is None
+    with pytest.raises(SystemExit, match="no task's data files"):
+        main(["lm-eval", "--tasks", "gsm8k", "--moelab_data_dir", str(data / "nope")])
+
+
 @pytest.mark.slow  # lm-eval's CLI indexes its ~14k built-in tasks first (~40 s)
 def test_lm_eval_cli_wrapper_runs_the_moelab_backend(ckpt, data, tmp_path):
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "moelab.lm_eval_cli", "run", "--model", "moelab", "--model_args", f"pretrained={ckpt}",
+    cmd = [sys.executable, "-m", "moelab.cli", "lm-eval", "--model", "moelab", "--model_args", f"pretrained={ckpt}",
            "--tasks", "triviaqa", "--moelab_data_dir", str(data), "--limit", "2", "--num_fewshot", "1", "--output_path", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -120,3 +120,12 @@ def test_missing_checkpoint_or_tokenizer_is_a_one_line_error(tmp_path, capsys, c
         (bare / name).write_bytes((ckpt / name).read_bytes())
     assert main(["task-loss", "--model", str(bare), "--file", str(f)]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_answer_longer_than_the_context_is_a_one_line_error(tmp_path, capsys):
+    small = build_checkpoint(tmp_path / "ctx8", max_seq_len=8)
+    f = tmp_path / "items.json"
+    f.write_text(json.dumps(ITEMS))
+    assert main(["task-loss", "--model", str(small), "--file", str(f), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moelab: error: task loss: item 0: the answer has ") and err.endswith("more than the model's context of 8")

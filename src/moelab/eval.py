@@ -204,6 +204,8 @@ def task_loss(em: EvalModel, pairs: Sequence[tuple[str, str]], batch_size: int =
     for i, (_, cont, _) in enumerate(encoded):
         if not cont:
             raise DataError(f"task loss: item {i}: the answer encodes to no tokens")
+        if len(cont) > em.max_length:  # it cannot be scored whole; dropping items would bias the mean
+            raise DataError(f"task loss: item {i}: the answer has {len(cont)} tokens, more than the model's context of {em.max_length}")
     scores = score_continuations(
         em.model, [(c, t) for c, t, _ in encoded], batch_size=batch_size, max_length=em.max_length, progress=progress
     )
@@ -562,6 +564,50 @@ def find_train_tokens(model_dir: str | Path) -> tuple[float | None, int | None, 
     return None, None, None
 
 
+def training_losses(model_dir: str | Path) -> dict[str, Any] | None:
+    """Training and validation loss of a checkpoint written by ``moelab train``, from ``RUN/metrics.jsonl``.
+
+    The checkpoint's step comes from its ``trainer_state.json`` (``RUN/checkpoints/step_N``) or from ``run.json``
+    (``RUN/final``); the training loss is the last logged ``lm_loss`` (next-token cross-entropy, nats, without
+    the aux/z terms; ``train_loss_total`` includes them) and the validation loss the last measured ``val_loss``,
+    both at or before that step — so each evaluated checkpoint has (training loss, validation loss, task loss,
+    accuracy), the quantities of the paper's train–test and loss–accuracy gaps (PAPER.md "Evaluation").
+    None outside a training run.
+    """
+    from .train import read_metrics
+
+    d = Path(model_dir).resolve()
+    run_dir = next((c for c in [d, *list(d.parents)[:3]] if (c / "run.json").is_file()), None)
+    if run_dir is None or not (run_dir / "metrics.jsonl").is_file():
+        return None
+    step = None
+    try:
+        if (d / "trainer_state.json").is_file():
+            step = json.loads((d / "trainer_state.json").read_text()).get("step")
+        elif d == run_dir / "final":
+            step = json.loads((run_dir / "run.json").read_text()).get("step")
+    except (OSError, json.JSONDecodeError):
+        step = None
+    if not isinstance(step, int):
+        return None
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r.get("step"), int) and r["step"] <= step]
+    if not recs:
+        return None
+    last = recs[-1]
+    last_val = next((r for r in reversed(recs) if "val_loss" in r), {})
+    return {
+        "checkpoint_step": step,
+        "train_loss": last.get("lm_loss", last.get("loss")),
+        "train_loss_total": last.get("loss"),
+        "train_loss_step": last["step"],
+        "val_loss": last_val.get("val_loss"),
+        "val_losses": {k: v for k, v in last_val.items() if k.startswith("val_loss/")},
+        "val_loss_step": last_val.get("step"),
+        "unit": "nats/token",
+        "source": str(run_dir / "metrics.jsonl"),
+    }
+
+
 def model_accounting(em: EvalModel) -> dict[str, Any]:
     """:func:`moelab.accounting.plan` of the checkpoint's config at its training tokens (None when unknown, see
     :func:`find_train_tokens`), attention FLOPs at the training sequence length (else the model's max_seq_len)."""
@@ -688,11 +734,18 @@ def run_eval(model_dir: str | Path, settings: EvalSettings, progress: bool = Tru
     for name, task in task_objs.items():
         metrics = {k: v for k, v in res["results"][name].items() if "," in k}  # "metric,filter" keys only
         pairs = _task_pairs(task)
-        loss = task_loss(em, [(p, a) for p, a, _ in pairs], batch_size=s.batch_size, progress=f"{name} task loss" if progress else False)
+        try:
+            loss: dict[str, Any] | None = task_loss(
+                em, [(p, a) for p, a, _ in pairs], batch_size=s.batch_size, progress=f"{name} task loss" if progress else False
+            ).summary()
+            loss_error = None
+        except DataError as e:  # e.g. gold solutions longer than a toy model's context: keep the accuracies
+            loss, loss_error = None, str(e)
+            logging.getLogger(__name__).warning("task %s: no task loss: %s", name, e)
         gk = task.config.generation_kwargs
         entry = {
             "accuracy": metrics,
-            "task_loss": loss.summary(),
+            "task_loss": loss,
             "n_items": len(pairs),
             "n_items_total": res["n-samples"][name]["original"],
             "settings": {
@@ -704,6 +757,8 @@ def run_eval(model_dir: str | Path, settings: EvalSettings, progress: bool = Tru
                 "eval_split": task.config.test_split or task.config.validation_split,
             },
         }
+        if loss_error is not None:
+            entry["task_loss_error"] = loss_error
         if s.self_consistency > 0 and name in sc_tasks:
             if task.OUTPUT_TYPE != "generate_until":
                 raise ConfigError(f"self-consistency: task {name} is not a generation task")
@@ -712,6 +767,7 @@ def run_eval(model_dir: str | Path, settings: EvalSettings, progress: bool = Tru
 
     return {
         "model": {"path": str(Path(model_dir).resolve()), "name": em.model.cfg.name, "accounting": model_accounting(em)},
+        "training": training_losses(model_dir),
         "settings": {
             "limit": s.limit, "num_fewshot": s.num_fewshot, "batch_size": s.batch_size, "device": str(em.device),
             "dtype": s.dtype, "seed": s.seed, "max_length": em.max_length, "data_dir": str(Path(s.data_dir).resolve()),

@@ -1,7 +1,7 @@
 """The ``moelab`` model backend for lm-evaluation-harness (registered on import).
 
     lm_eval.simple_evaluate(model="moelab", model_args={"pretrained": DIR}, tasks=[...])   # after importing this
-    python -m moelab.lm_eval_cli run --model moelab --model_args pretrained=DIR --tasks gsm8k   # the lm_eval CLI
+    moelab lm-eval --model moelab --model_args pretrained=DIR --tasks gsm8k --moelab_data_dir DATA   # lm_eval's CLI
 
 It mirrors lm-eval's ``hf`` backend (``HFLM``) in everything that can change a score — tokenization
 (:class:`~moelab.eval.EvalModel`), left truncation to ``max_length``, ``max_gen_toks`` = 256 by default, stop
