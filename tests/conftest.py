@@ -18,3 +18,13 @@ def tiny_config(**overrides) -> ModelConfig:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the tiny matmuls gain nothing from more, a busy 2-core CI box slows down with
+    them, and bit-identity checks need the same kernels in every process (subprocesses get OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,16 +24,10 @@ from moelab.hf import from_hf_config
 
 from fixtures.eval.build import build_checkpoint, build_data_dir
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 SHARED_GSM_PLUS = Path("/work/shared/data/gsm_plus_testmini.jsonl")
 ALL = ["gsm8k", "gsm_plus_mini", "hellaswag", "triviaqa", "synthetic_memory", "synthetic_reasoning"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,9 @@ from moelab.lm_eval_backend import MoelabLM
 
 from fixtures.eval.build import build_data_dir, build_trained_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TASKS = ("gsm8k", "triviaqa", "hellaswag")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from moelab.lm_eval_backend import MoelabLM
 
 from fixtures.eval.build import build_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 ITEMS = [
     {"prompt": "Question: Mia reads 8 pages a day. How many days for 56 pages?\nAnswer:",
      "answer": " She needs 56 / 8 = <<56/8=7>>7 days.\n#### 7"},
@@ -25,14 +27,6 @@ ITEMS = [
     {"prompt": "Question: Who wrote Hamlet?\nAnswer:", "answer": " Shakespeare"},
     {"prompt": "Favourite drink:", "answer": " café ☕"},  # multi-byte UTF-8
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

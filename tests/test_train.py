@@ -42,17 +42,10 @@ from moelab.train import (
     unpack_state,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 STEPS = 8
 MODEL = dict(vocab_size=384, d_model=32, n_layers=2, n_heads=2, ffn_hidden=64, n_experts=4, top_k=2, max_seq_len=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bit-identity needs the same kernels in every process: one intra-op thread here and in subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,10 @@ import yaml
 
 from moelab.train import TIMING_KEYS, latest_checkpoint, read_metrics, resume, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 STEPS = 6
 COMPARED = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "val_loss", "val_loss/memory", "val_loss/reasoning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

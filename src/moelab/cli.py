@@ -128,17 +128,24 @@ def print_plan_table(rows: list[dict]) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo_study", help="output directory")
+    p.add_argument("--out", default="demo_study", metavar="STUDY", help="study directory (default: %(default)s; re-run to resume)")
+    grpo = p.add_mutually_exclusive_group()
+    grpo.add_argument("--with-grpo", dest="with_grpo", action="store_true", default=None,
+                      help="post-train two configs with GRPO and evaluate them again (default: on when `moelab grpo` exists)")
+    grpo.add_argument("--no-grpo", dest="with_grpo", action="store_false", help="skip the GRPO stages")
+    p.add_argument("--parallel", type=int, default=2, metavar="N", help="runs at once, one thread each (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live overview")
 
 
 def _run_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo_cli
 
-    run_demo(a)
-    return 0
+    if a.parallel < 1:
+        raise MoelabError("demo: --parallel must be >= 1")
+    return run_demo_cli(a)
 
 
-register("demo", "run the miniature end-to-end study on synthetic data (CPU, minutes)", _demo_args, _run_demo)
+register("demo", "the miniature study: sweep → analyze → report on synthetic data (2-core CPU, minutes; docs/study.md)", _demo_args, _run_demo)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,7 +354,8 @@ def _run_eval(a: argparse.Namespace) -> int:
     for name, t in result["tasks"].items():
         acc = ", ".join(f"{k}={v:.4f}" for k, v in t["accuracy"].items() if "stderr" not in k and isinstance(v, (int, float)))
         tl = t["task_loss"]
-        print(f"{name}: {acc} | task loss {tl['bits_per_token']:.4f} bits/token, {tl['bits_per_byte']:.4f} bits/byte | n={t['n_items']}")
+        loss = f"task loss {tl['bits_per_token']:.4f} bits/token, {tl['bits_per_byte']:.4f} bits/byte" if tl else f"no task loss ({t.get('task_loss_error')})"
+        print(f"{name}: {acc} | {loss} | n={t['n_items']}")
     print(f"wrote {a.out}")
     return 0
 
@@ -384,6 +392,96 @@ def _run_task_loss(a: argparse.Namespace) -> int:
 
 
 register("task-loss", "bits/token and bits/byte of gold answers given prompts (PAPER.md task loss)", _task_loss_args, _run_task_loss)
+
+
+def _lm_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="lm-eval's own arguments, e.g. --model moelab --model_args pretrained=DIR --tasks gsm8k --moelab_data_dir DATA")
+    p.prefix_chars = "\0"  # no option of ours: every argument (even -h, --model) is passed through to lm-eval's parser
+
+
+def _run_lm_eval(a: argparse.Namespace) -> int:
+    from .lm_eval_cli import main as lm_eval_main
+
+    lm_eval_main(a.lm_eval_args)
+    return 0
+
+
+register("lm-eval", "lm-evaluation-harness's own CLI (`lm_eval ...`) with the moelab backend registered (docs/evaluation.md)", _lm_eval_args, _run_lm_eval)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grpo (moelab.rl)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _grpo_args(p: argparse.ArgumentParser) -> None:
+    from .config import GRPOConfig
+
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF Mixtral format + tokenizer)")
+    p.add_argument("--task", required=True, help="gsm8k or synthetic_reasoning")
+    p.add_argument("--data-dir", required=True, metavar="DATA", help="local data files (gsm8k/train, synthetic/train_reasoning, test splits)")
+    p.add_argument("--out", required=True, metavar="DIR2", help="output checkpoint directory (+ grpo.json, grpo_metrics.jsonl)")
+    p.add_argument("--preset", default="paper", help="starting settings: paper (default; the paper's verl run) or cpu (tiny models, minutes)")
+    p.add_argument("--config", metavar="GRPO.yaml", help="a YAML mapping of GRPOConfig fields (over the preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a GRPOConfig field, e.g. beta=0 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the whole summary (grpo.json) instead of the short one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Every GRPOConfig field as its own flag (--num-generations 4, --lr 1e-5), so a sweep's `post_train.args`
+    # mapping ({key: value} → --key value) reaches the config; values are YAML scalars, like --set.
+    fields = p.add_argument_group("GRPOConfig fields (override --preset, --config and --set)")
+    for name, field in GRPOConfig.model_fields.items():
+        flags = ["--" + name.replace("_", "-")] + (["--lr"] if name == "learning_rate" else [])
+        kw: dict = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
+        fields.add_argument(*flags, dest=f"grpo_{name}", metavar="V", help=f"default {field.default!r}", **kw)
+
+
+def _run_grpo(a: argparse.Namespace) -> int:
+    import yaml
+
+    from .config import GRPOConfig, load_yaml
+    from .rl import PRESETS, run_grpo
+
+    def scalar(text: str):  # a YAML scalar ("1e-3", "true", "null"); anything else stays the raw string
+        if text == "None":  # what a sweep writes for str(None)
+            return None
+        try:
+            v = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        return v if v is None or isinstance(v, (str, int, float, bool)) else text
+
+    if a.preset not in PRESETS:
+        raise MoelabError(f"grpo: --preset must be one of {', '.join(PRESETS)} (got {a.preset!r})")
+    data = load_yaml(a.config) if a.config else {}
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MoelabError(f"grpo: --set {item!r}: expected KEY=VALUE, e.g. beta=0.001")
+        data[key] = scalar(value)
+    for name in GRPOConfig.model_fields:
+        if getattr(a, "grpo_" + name) is not None:
+            data[name] = scalar(getattr(a, "grpo_" + name))
+    cfg = GRPOConfig.parse({**PRESETS[a.preset], **data}, a.config or "grpo")
+    s = run_grpo(a.model, a.task, a.data_dir, a.out, cfg, progress=not a.no_progress)
+    if a.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    t = s["train"]
+    curve = f", train reward {t['reward_first']:.3f} → {t['reward_last']:.3f}" if t["reward_first"] is not None else ""
+    kl = f", KL {t['kl_last']:.3g}" if t.get("kl_last") is not None else ""
+    secs = f" in {t['runtime_s']:.1f} s" if t.get("runtime_s") is not None else ""
+    print(f"grpo {s['task']}: {t['steps']} steps{secs} on {s['resolved']['device']}{curve}{kl}")
+    if s["eval"] is not None:
+        e = s["eval"]
+        print(f"held-out mean reward ({e['prompts']} prompts × {e['before']['samples_per_prompt']} samples): "
+              f"{e['before']['mean_reward']:.4f} → {e['after']['mean_reward']:.4f} "
+              f"(Δ {e['delta']:+.4f} ± {e['delta_stderr']:.4f}; accuracy {e['before']['accuracy']:.4f} → {e['after']['accuracy']:.4f})")
+    print(f"wrote {s['out']} (grpo.json, grpo_metrics.jsonl)")
+    return 0
+
+
+register("grpo", "GRPO post-training of a checkpoint on a reasoning task (TRL GRPOTrainer; PAPER.md GRPO)", _grpo_args, _run_grpo)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -147,8 +147,8 @@ def to_hf_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
             yield q + f"block_sparse_moe.experts.{e}.w2.weight", down[e]
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write a file through a temp file in the same directory and rename it into place."""
+def write_atomic(path: Path, write) -> None:
+    """Write a file through a temp file in the same directory and rename it into place (callers pass `write(tmp)`)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -168,7 +168,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
             json.dump(obj, f, indent=2)
             f.write("\n")
 
-    _write_atomic(path, w)
+    write_atomic(path, w)
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -177,7 +177,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype
     path.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype
     tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in to_hf_state_dict(model)}
-    _write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json_atomic(path / "config.json", to_hf_config(model.cfg, dtype))
     if (path / INDEX_NAME).exists():  # a stale sharded index would shadow the new single file
         (path / INDEX_NAME).unlink()
