@@ -653,7 +653,7 @@ def _task_pairs(task) -> list[tuple[str, str, dict]]:
 def _self_consistency(task, em: EvalModel, s: EvalSettings, pairs, progress: bool) -> dict[str, Any]:
     n = s.self_consistency
     if s.sc_max_new_tokens >= em.max_length:
-        raise ConfigError(f"self-consistency: max new tokens ({s.sc_max_new_tokens}) must be below the model's context ({em.max_length})")
+        raise ConfigError(f"self-consistency: max new tokens ({s.sc_max_new_tokens}, --sc-max-new-tokens) must be below the model's context ({em.max_length})")
     gk = dict(task.config.generation_kwargs or {})
     until = gk.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
