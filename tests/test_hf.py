@@ -121,3 +121,25 @@ def test_unsupported_hf_configs_refused(change, needle):
     hf = to_hf_config(tiny_config()) | change
     with pytest.raises(CheckpointError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         from_hf_config(hf)
+
+
+def test_special_token_ids_follow_the_tokenizer(tmp_path):
+    """config.json carries the tokenizer's eos/pad ids (null without a tokenizer, never MixtralConfig's 1/2), so
+    transformers' generate stops at our EOS."""
+    from transformers import AutoConfig
+
+    from moelab.data import Tokenizer
+    from moelab.hf import copy_tokenizer_files
+
+    tok = Tokenizer.train_bpe([f"line {i} of some text" for i in range(200)], vocab_size=300, min_frequency=1)
+    tok_dir = tok.save(tmp_path / "tok")
+    model = MoETransformer(tiny_config())
+    ckpt = model.save_pretrained(tmp_path / "ckpt")
+    bare = AutoConfig.from_pretrained(ckpt)
+    assert bare.eos_token_id is None and bare.bos_token_id is None and bare.pad_token_id is None
+    copy_tokenizer_files(tok_dir, ckpt)
+    cfg = AutoConfig.from_pretrained(ckpt)
+    assert (cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id) == (tok.eos_id, tok.pad_id, None)
+    assert tok.eos_id != 2  # MixtralConfig defaults to eos 2: the check above must come from the tokenizer
+    # and our loader still reads the directory
+    assert MoETransformer.from_pretrained(ckpt).cfg == model.cfg

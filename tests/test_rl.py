@@ -198,6 +198,7 @@ def test_grpo_cli_trains_logs_and_writes_a_moelab_checkpoint(fast_run, start):
     summary = json.loads((out / "grpo.json").read_text())
     assert summary["settings"]["learning_rate"] == 1e-3 and summary["settings"]["num_generations"] == 4  # --lr alias
     assert summary["settings"]["max_completion_tokens"] == 40 and summary["resolved"]["device"] == "cpu"
+    assert summary["resolved"]["activation_checkpointing"] is False  # TRL's default (True) is overridden
     assert summary["train"]["steps"] == 3 and summary["train_prompts"] > 0
     ev = summary["eval"]
     assert ev["prompts"] == 6 and ev["delta"] == pytest.approx(ev["after"]["mean_reward"] - ev["before"]["mean_reward"])

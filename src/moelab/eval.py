@@ -114,7 +114,7 @@ class EvalModel:
             prefix = self.tokenizer.decode(self.prefix_token_id)
             if prefix and string.startswith(prefix):
                 kwargs = {"add_special_tokens": False}
-        ids = self.tokenizer.encode(string, **kwargs)
+        ids = self.tokenizer.encode(string, verbose=False, **kwargs)  # lengths are checked by the callers
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def decode(self, tokens: Sequence[int]) -> str:
@@ -691,6 +691,18 @@ def _self_consistency(task, em: EvalModel, s: EvalSettings, pairs, progress: boo
     return result
 
 
+def _quiet_git_hash() -> str | None:
+    """lm-eval records ``git describe`` of the working directory; its own call lets git print "fatal: not a git
+    repository" to the terminal whenever moelab eval runs outside a repository. Same value, no noise."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
 def run_eval(model_dir: str | Path, settings: EvalSettings, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint on ``settings.tasks``; returns the result dict ``moelab eval`` writes."""
     import lm_eval
@@ -723,12 +735,16 @@ def run_eval(model_dir: str | Path, settings: EvalSettings, progress: bool = Tru
             files = ", ".join(cfg["dataset_kwargs"]["data_files"].values())
             raise DataError(f"task {name}: cannot load {files} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
-    res = simple_evaluate(
-        model=lm, tasks=list(task_objs.values()), limit=s.limit, task_manager=tm, log_samples=False,
-        gen_kwargs={"max_gen_toks": s.max_gen_toks} if s.max_gen_toks else None,
-        bootstrap_iters=s.bootstrap_iters, random_seed=s.seed, numpy_random_seed=s.seed,
-        torch_random_seed=s.seed, fewshot_random_seed=s.seed,
-    )
+    import lm_eval.evaluator
+    from unittest import mock
+
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _quiet_git_hash):
+        res = simple_evaluate(
+            model=lm, tasks=list(task_objs.values()), limit=s.limit, task_manager=tm, log_samples=False,
+            gen_kwargs={"max_gen_toks": s.max_gen_toks} if s.max_gen_toks else None,
+            bootstrap_iters=s.bootstrap_iters, random_seed=s.seed, numpy_random_seed=s.seed,
+            torch_random_seed=s.seed, fewshot_random_seed=s.seed,
+        )
     out_tasks: dict[str, Any] = {}
     sc_tasks = s.sc_tasks if s.sc_tasks is not None else [n for n in s.tasks if TASKS[n].gsm_style]
     for name, task in task_objs.items():

@@ -61,6 +61,11 @@ def to_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
         "router_jitter_noise": 0.0,
         "output_router_logits": False,
         "use_cache": True,
+        # Unknown until a tokenizer is attached (``copy_tokenizer_files`` fills them in); null rather than
+        # MixtralConfig's defaults (1, 2), which would make transformers' ``generate`` stop at token 2.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
         "dtype": str(dtype).removeprefix("torch."),
         "moelab": {"z_loss_coef": cfg.z_loss_coef, "aux_loss_coef": cfg.aux_loss_coef, "moe_backend": cfg.moe_backend},
     }
@@ -292,9 +297,42 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     return model
 
 
+def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
+    """``{"bos_token_id": .., "eos_token_id": .., "pad_token_id": ..}`` for the special tokens a tokenizer directory
+    names (tokenizer_config.json, else special_tokens_map.json), looked up in its tokenizer.json; absent ones left out."""
+    d = Path(tokenizer_dir)
+    if not (d / "tokenizer.json").is_file():
+        return {}
+    from tokenizers import Tokenizer
+
+    names: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        f = d / name
+        if f.is_file():
+            try:
+                names.update({k: v for k, v in json.loads(f.read_text()).items() if k in ("bos_token", "eos_token", "pad_token")})
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{f}: not a JSON object ({e})") from None
+    vocab = Tokenizer.from_file(str(d / "tokenizer.json"))
+    ids: dict[str, int] = {}
+    for key, tok in names.items():
+        content = tok.get("content") if isinstance(tok, dict) else tok
+        tid = vocab.token_to_id(content) if isinstance(content, str) else None
+        if tid is not None:
+            ids[f"{key}_id"] = tid
+    return ids
+
+
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    """Copy tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) if present."""
+    """Copy tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) if present, and record
+    the tokenizer's bos/eos/pad ids in ``dst/config.json`` (if there is one) so transformers stops at the right EOS."""
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         f = Path(src) / name
         if f.is_file():
             shutil.copyfile(f, Path(dst) / name)
+    cfg_file = Path(dst) / "config.json"
+    ids = special_token_ids(dst)
+    if ids and cfg_file.is_file():
+        cfg = json.loads(cfg_file.read_text())
+        if any(cfg.get(k) != v for k, v in ids.items()):
+            write_json_atomic(cfg_file, {**cfg, **ids})

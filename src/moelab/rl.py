@@ -14,11 +14,14 @@ TRL's k3 estimator exp(r) − r − 1 with r = log π_ref − log π (the "low-v
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -389,6 +392,22 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+@contextlib.contextmanager
+def _drop_log_records(logger: logging.Logger, text: str):
+    """Drop ``logger``'s records whose message contains ``text`` while the block runs."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return text not in record.getMessage()
+
+    f = _Drop()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
+
+
 def run_grpo(
     model_dir: str | Path,
     task: str,
@@ -404,7 +423,21 @@ def run_grpo(
     ``cfg`` is a :class:`~moelab.config.GRPOConfig` or a dict of its fields (over ``preset``). Returns the summary
     also written to ``out_dir/grpo.json``: settings, TRL batching, prompt counts, the per-step curve's ends, and
     held-out mean reward before and after (with the paired difference and its standard error).
+    ``progress=False`` also silences transformers' weight loading/writing bars for the call.
     """
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return _run_grpo(model_dir, task, data_dir, out_dir, cfg, preset=preset, progress=progress)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run_grpo(model_dir, task, data_dir, out_dir, cfg, *, preset: str, progress: bool) -> dict[str, Any]:
     import datasets
     import transformers
     import trl
@@ -442,7 +475,7 @@ def run_grpo(
         problems = problems[: cfg.max_train_prompts]
     reward = AnswerReward(cfg.answer_filter, cfg.answer_match)
     prompts = [cfg.prompt_template.format(question=p.question) for p in problems]
-    lengths = [len(x) for x in tokenizer(prompts)["input_ids"]]
+    lengths = [len(x) for x in tokenizer(prompts, verbose=False)["input_ids"]]
     keep = [i for i, n in enumerate(lengths) if n <= cfg.max_prompt_tokens]
     if len(keep) < cfg.prompts_per_step:
         raise DataError(
@@ -497,7 +530,8 @@ def run_grpo(
             use_cpu=device == "cpu",
             bf16=precision == "bf16",
             fp16=False,
-            **({"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}),
+            # Explicit: GRPOConfig turns activation checkpointing on by default, which recomputes every block.
+            activation_checkpointing=cfg.gradient_checkpointing,
             model_init_kwargs={"experts_implementation": experts} if experts else None,  # TRL's reference model
             logging_steps=1,
             report_to="none",
@@ -508,15 +542,20 @@ def run_grpo(
             dataloader_num_workers=0,
             remove_unused_columns=False,
         )
-        trainer = trl.GRPOTrainer(
-            model=model,
-            reward_funcs=funcs,
-            args=args,
-            train_dataset=train_ds,
-            processing_class=tokenizer,
-            callbacks=[metrics.callback],
-        )
-        train_out = trainer.train()
+        trl_log = logging.getLogger("trl.trainer.grpo_trainer")
+        with warnings.catch_warnings(), _drop_log_records(trl_log, "You passed `model_init_kwargs`"):
+            # TRL 1.16 still calls transformers' deprecated gradient_checkpointing_* aliases, and says our
+            # model_init_kwargs are ignored although it builds the reference model from them: noise, not our call.
+            warnings.filterwarnings("ignore", message=r".*gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+            trainer = trl.GRPOTrainer(
+                model=model,
+                reward_funcs=funcs,
+                args=args,
+                train_dataset=train_ds,
+                processing_class=tokenizer,
+                callbacks=[metrics.callback],
+            )
+            train_out = trainer.train()
         policy = trainer.accelerator.unwrap_model(trainer.model)
         export_checkpoint(policy, src, out, save_dtype)
         aux_coef = trainer.router_aux_loss_coef
@@ -544,6 +583,7 @@ def run_grpo(
             "reward": f"lm-eval gsm8k {cfg.answer_filter} + exact_match ({cfg.answer_match})"
                       + (f" + {cfg.format_reward} x format" if cfg.format_reward else ""),
             "experts_implementation": model_experts,
+            "activation_checkpointing": bool(args.activation_checkpointing),
             "trl_version": trl.__version__,
             "transformers_version": transformers.__version__,
         },
