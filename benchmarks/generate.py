@@ -10,21 +10,30 @@ new tokens (EOS disabled, so every row generates exactly ``--new-tokens``, excep
 * ``sample P×N`` (``--sc``): P prompts × N samples at temperature 0.6, top-p 0.95 (self-consistency, PAPER.md
   "Evaluation"); moelab prefills each prompt once and copies its cache N times, transformers'
   ``num_return_sequences`` repeats the prompt N times before its prefill. Samples differ (different RNG use).
+* ``sample P×N, EOS`` (``--sc-eos MEAN``): the same with stop tokens, as GSM8K self-consistency runs (stop
+  sequences, up to 1024 new tokens, PAPER.md): a set of EOS tokens is picked from one free-running sampled batch so
+  that rows end after about MEAN tokens on average. Both sample from the same distribution, so their rows end at
+  statistically equal lengths but not at the same ones: tokens/s counts each call's own generated tokens (up to
+  and including each row's EOS), and the speed-up is the ratio of tokens/s. moelab drops finished rows;
+  transformers keeps stepping them (padded) until its last row ends.
 
-Reported: new tokens per second (rows × new tokens / wall time, prefill included), median and best over
-interleaved rounds (benchlib: the candidates alternate, order rotating, so load spikes on a shared machine hit both),
-and the speed-up = transformers' median time / moelab's median time (plus the range of the per-round ratios). With
+Reported: new tokens per second (tokens generated / time, prefill included), median and best over interleaved
+rounds (benchlib: the candidates alternate, order rotating, so load spikes on a shared machine hit both), and the
+speed-up = moelab's median tokens/s ÷ transformers' (= transformers' median time ÷ moelab's where both generate the
+same tokens), plus the range of the per-round ratios. With
 ``--threads 1`` on the CPU the clock is the process's CPU time (benchlib), which other jobs' load does not inflate;
 tok/s are then per CPU-second. Prints a table, then one JSON line.
 
     .venv/bin/python benchmarks/generate.py                               # B ∈ {1, 16}, 2×8 sampling, CPU
     .venv/bin/python benchmarks/generate.py --batch-sizes 1,16 --prompt-len 256 --new-tokens 128 --rounds 5
+    .venv/bin/python benchmarks/generate.py --batch-sizes "" --eos-batch 0 --sc 1x32 --sc-eos 96 --prompt-len 768 --new-tokens 384
     .venv/bin/python benchmarks/generate.py --device cuda --d-model 1024 --layers 16 --vocab 99584
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 
@@ -58,6 +67,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,16", help="greedy scenarios (comma-separated batch sizes)")
     ap.add_argument("--eos-batch", type=int, default=16, help="greedy scenario with EOS: rows end at different lengths (0: skip)")
     ap.add_argument("--sc", default="2x8", help="sampling scenario PROMPTSxSAMPLES ('' to skip)")
+    ap.add_argument("--sc-eos", type=int, default=0, help="also run the sampling scenario with stop tokens ending rows after "
+                    "about this many tokens on average (0: skip)")
     ap.add_argument("--prompt-len", type=int, default=64, help="longest prompt; the others are 50-100%% of it")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per scenario (after one warm-up round)")
@@ -167,21 +178,70 @@ def main() -> None:
 
         scenarios.append((f"sample {n_prompts}×{n_samples}", n_prompts * n_samples, run_ours_sc, run_theirs_sc, same_sampled))
 
+        if a.sc_eos:
+            # Stop tokens picked from one free-running sampled batch: add the most frequent tokens to the EOS set
+            # until rows would end after ≤ --sc-eos tokens on average.
+            free = generate(ours, prompts, a.new_tokens, num_samples=n_samples, temperature=0.6, top_p=0.95,
+                            generator=torch.Generator(device=device).manual_seed(1))
+            freq: dict[int, int] = {}
+            for row in free:
+                for t in row:
+                    freq[t] = freq.get(t, 0) + 1
+            sc_eos: list[int] = []
+            mean_end = float(a.new_tokens)
+            for t in sorted(freq, key=freq.get, reverse=True):
+                if mean_end <= a.sc_eos:
+                    break
+                sc_eos.append(t)
+                mean_end = sum(next((j + 1 for j, x in enumerate(row) if x in sc_eos), a.new_tokens) for row in free) / len(free)
+
+            def run_ours_sc_eos(prompts=prompts):
+                return generate(ours, prompts, a.new_tokens, num_samples=n_samples, temperature=0.6, top_p=0.95, generator=gen,
+                                eos_token_ids=sc_eos)
+
+            def run_theirs_sc_eos(ids=ids, mask=mask):
+                with torch.inference_mode():
+                    out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens, do_sample=True, temperature=0.6,
+                                          top_p=0.95, top_k=0, num_return_sequences=n_samples, pad_token_id=0, eos_token_id=sc_eos)
+                return out[:, ids.shape[1] :].tolist()
+
+            def generated(out, who: str) -> int:
+                """Tokens a call generated: moelab's rows stop before their EOS (+1 for it); transformers pads after it."""
+                if who == "moelab":
+                    return sum(len(r) + (len(r) < a.new_tokens) for r in out)
+                return sum(next((j + 1 for j, x in enumerate(r) if x in sc_eos), len(r)) for r in out)
+
+            scenarios.append((f"sample {n_prompts}×{n_samples}, EOS (mean length ≈ {mean_end:.0f})", n_prompts * n_samples,
+                              run_ours_sc_eos, run_theirs_sc_eos, generated))
+
     rows, speedup, results = [], {}, {}
     for name, n_rows, run_ours, run_theirs, check in scenarios:
-        same, n_new = check(run_ours(), run_theirs())  # also the warm-up
+        variable = check.__name__ == "generated"  # tokens per call vary (sampled rows end at different steps)
+        out_o, out_t = run_ours(), run_theirs()  # also the warm-up
+        same, n_new = ("n/a (sampled)", None) if variable else check(out_o, out_t)
+        counts: dict[str, list[int]] = {"moelab": [], "transformers": []}
+
+        def counted(fn, who):
+            def call():
+                out = fn()
+                counts[who].append(check(out, who) if variable else n_new)
+            return call
+
         print(f"{name}: {a.rounds} interleaved rounds …", file=sys.stderr)
-        times = interleaved_times({"moelab": run_ours, "transformers": run_theirs}, rounds=a.rounds, warmup=0, device=device, clock=clock)
+        times = interleaved_times({"moelab": counted(run_ours, "moelab"), "transformers": counted(run_theirs, "transformers")},
+                                  rounds=a.rounds, warmup=0, device=device, clock=clock)
         s_ours, s_theirs = summary(times["moelab"]), summary(times["transformers"])
-        paired = sorted(t / o for o, t in zip(times["moelab"], times["transformers"]))  # same round: same load
-        paired_median = paired[len(paired) // 2] if len(paired) % 2 else (paired[len(paired) // 2 - 1] + paired[len(paired) // 2]) / 2
-        tps = lambda ms: n_new / (ms / 1e3)  # noqa: E731
-        ratio = s_theirs["median_ms"] / s_ours["median_ms"]
+        tps = {w: sorted(n / t for n, t in zip(counts[w], times[w])) for w in counts}  # tokens/s per round
+        med = {w: statistics.median(v) for w, v in tps.items()}
+        paired = sorted((n_o / t_o) / (n_t / t_t) for n_o, t_o, n_t, t_t in  # same round: same load
+                        zip(counts["moelab"], times["moelab"], counts["transformers"], times["transformers"]))
+        ratio = med["moelab"] / med["transformers"]
         speedup[name] = round(ratio, 2)
-        results[name] = {"rows": n_rows, "new_tokens": n_new, "moelab": s_ours, "transformers": s_theirs, "same_tokens": same,
-                         "speedup_paired_median": round(paired_median, 3), "speedup_paired_range": [round(paired[0], 3), round(paired[-1], 3)],
-                         "moelab_tok_s": round(tps(s_ours["median_ms"]), 1), "transformers_tok_s": round(tps(s_theirs["median_ms"]), 1)}
-        rows.append((name, tps(s_ours["median_ms"]), tps(s_ours["min_ms"]), tps(s_theirs["median_ms"]), tps(s_theirs["min_ms"]), ratio,
+        results[name] = {"rows": n_rows, "new_tokens": n_new if not variable else {w: counts[w] for w in counts},
+                         "moelab": s_ours, "transformers": s_theirs, "same_tokens": same,
+                         "speedup_paired_median": round(statistics.median(paired), 3), "speedup_paired_range": [round(paired[0], 3), round(paired[-1], 3)],
+                         "moelab_tok_s": round(med["moelab"], 1), "transformers_tok_s": round(med["transformers"], 1)}
+        rows.append((name, med["moelab"], tps["moelab"][-1], med["transformers"], tps["transformers"][-1], ratio,
                      f"{paired[0]:.2f}–{paired[-1]:.2f}", same))
 
     table = Table(title=f"generation on {device.type} ({a.dtype}): {cfg.name}, prompts ≤ {a.prompt_len} tokens, {a.new_tokens} new "
