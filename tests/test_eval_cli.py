@@ -3,6 +3,8 @@ GSM-Plus testmini file when /work/shared has it), and the task definitions score
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -41,13 +43,35 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def result(ckpt, data, tmp_path_factory):
+def run(ckpt, data, tmp_path_factory):
+    """(RESULT.json contents, what the command printed)."""
     out = tmp_path_factory.mktemp("res") / "sub" / "RESULT.json"
     argv = ["eval", "--model", str(ckpt), "--tasks", ",".join(ALL), "--data-dir", str(data), "--out", str(out), "--limit", "2",
             "--max-gen-toks", "12", "--batch-size", "4", "--self-consistency", "4", "--sc-max-new-tokens", "12", "--no-progress"]
-    assert main(argv) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(argv) == 0
     assert [p.name for p in out.parent.iterdir()] == ["RESULT.json"]  # written atomically, no temp file left
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def result(run):
+    return run[0]
+
+
+def test_eval_prints_one_line_per_task_and_self_consistency_summaries(run):
+    result, printed = run
+    lines = printed.splitlines()
+    for name, t in result["tasks"].items():
+        assert sum(line.startswith(f"{name}: ") for line in lines) == 1
+        sc = t.get("self_consistency")
+        for filt in ("strict-match", "flexible-extract") if sc else ():
+            m = sc[filt]
+            want = f"{name} self-consistency ({filt}, T=0.6): one sample {m['majority']['1']:.4f}, " \
+                   f"maj@4={m['majority']['4']:.4f}, coverage@4={m['coverage']['4']:.4f}"
+            assert want in lines
+    assert sum("self-consistency" in line for line in lines) == 2 * 3  # gsm8k, gsm_plus_mini, synthetic_reasoning
 
 
 def test_eval_result_has_every_task_with_lm_eval_metrics_and_task_loss(result, ckpt):

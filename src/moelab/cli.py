@@ -356,6 +356,13 @@ def _run_eval(a: argparse.Namespace) -> int:
         tl = t["task_loss"]
         loss = f"task loss {tl['bits_per_token']:.4f} bits/token, {tl['bits_per_byte']:.4f} bits/byte" if tl else f"no task loss ({t.get('task_loss_error')})"
         print(f"{name}: {acc} | {loss} | n={t['n_items']}")
+        sc = t.get("self_consistency")
+        if sc:
+            for filt, m in sc.items():
+                if isinstance(m, dict) and "majority" in m:
+                    n = max(m["majority"], key=int)
+                    print(f"{name} self-consistency ({filt}, T={sc['temperature']}): one sample {m['majority']['1']:.4f}, "
+                          f"maj@{n}={m['majority'][n]:.4f}, coverage@{n}={m['coverage'][n]:.4f}")
     print(f"wrote {a.out}")
     return 0
 

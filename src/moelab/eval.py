@@ -719,6 +719,10 @@ def run_eval(model_dir: str | Path, settings: EvalSettings, progress: bool = Tru
     if s.num_fewshot is not None and s.num_fewshot < 0:
         raise ConfigError("num_fewshot must be >= 0")
     configs = {name: lm_eval_task_config(name, s.data_dir, s.num_fewshot) for name in s.tasks}  # fails fast on missing files
+    if s.max_gen_toks:  # in the task configs (what lm-eval's --gen_kwargs does to generate_until tasks, minus its notice)
+        for cfg in configs.values():
+            if cfg.get("output_type") == "generate_until":
+                cfg["generation_kwargs"] = {**(cfg.get("generation_kwargs") or {}), "max_gen_toks": s.max_gen_toks}
 
     em = EvalModel(model_dir, device=s.device, dtype=s.dtype)
     lm = MoelabLM(model=em, batch_size=s.batch_size, seed=s.seed, progress=progress)
@@ -735,13 +739,19 @@ def run_eval(model_dir: str | Path, settings: EvalSettings, progress: bool = Tru
             files = ", ".join(cfg["dataset_kwargs"]["data_files"].values())
             raise DataError(f"task {name}: cannot load {files} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
-    import lm_eval.evaluator
+    import contextlib
+    import functools
     from unittest import mock
 
-    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _quiet_git_hash):
+    import lm_eval.api.task
+    import lm_eval.evaluator
+
+    with contextlib.ExitStack() as quiet:
+        quiet.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _quiet_git_hash))
+        if not progress:  # lm-eval's request-building bar ignores every verbosity setting
+            quiet.enter_context(mock.patch.object(lm_eval.api.task, "tqdm", functools.partial(lm_eval.api.task.tqdm, disable=True)))
         res = simple_evaluate(
             model=lm, tasks=list(task_objs.values()), limit=s.limit, task_manager=tm, log_samples=False,
-            gen_kwargs={"max_gen_toks": s.max_gen_toks} if s.max_gen_toks else None,
             bootstrap_iters=s.bootstrap_iters, random_seed=s.seed, numpy_random_seed=s.seed,
             torch_random_seed=s.seed, fewshot_random_seed=s.seed,
         )
