@@ -107,6 +107,21 @@ def machine_info(device: torch.device | str) -> dict[str, object]:
     return info
 
 
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes free for a candidate's working set: the GPU's free memory, else the kernel's MemAvailable (8 GiB if unknown)."""
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 def loadavg() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)

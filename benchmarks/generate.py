@@ -42,18 +42,14 @@ import torch
 from benchlib import interleaved_times, loadavg, machine_info, print_json_line, resolve_clock, summary
 
 from moelab.config import ModelConfig
-from moelab.generate import generate
+from moelab.generate import generate, left_pad as left_pad_ids
 from moelab.model import MoETransformer
 
 
 def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    P = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.tensor(p)
-        mask[i, P - len(p) :] = 1
-    return ids.to(device), mask.to(device)
+    """transformers' inputs: left-padded ids and a 0/1 attention mask, on ``device``."""
+    ids, mask = left_pad_ids(prompts)
+    return ids.to(device), mask.long().to(device)
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from benchlib import interleaved_times, loadavg, machine_info, print_json_line, resolve_clock, summary, tune_malloc
+from benchlib import available_memory, interleaved_times, loadavg, machine_info, print_json_line, resolve_clock, summary, tune_malloc
 
 from moelab.config import ModelConfig
 from moelab.model import MoEFFN
@@ -62,20 +62,6 @@ def batched_mm_bytes(tokens: int, k: int, d: int, f: int, itemsize: int) -> int:
     """transformers' batched_mm gathers one weight matrix per token copy: 3·F·D per copy, kept for backward, and
     the same again for their gradients."""
     return 2 * tokens * k * 3 * f * d * itemsize
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info()
-        return free
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def main(argv: list[str] | None = None) -> dict:

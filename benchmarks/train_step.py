@@ -30,7 +30,7 @@ import tempfile
 
 import torch
 
-from benchlib import interleaved_times, loadavg, machine_info, matmul_peak_flops, print_json_line, resolve_clock, summary, tune_malloc
+from benchlib import available_memory, interleaved_times, loadavg, machine_info, matmul_peak_flops, print_json_line, resolve_clock, summary, tune_malloc
 
 from moelab.accounting import embedding_params, plan
 from moelab.config import ModelConfig
@@ -42,17 +42,6 @@ HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 def hf_batched_mm_bytes(cfg: ModelConfig, tokens: int) -> int:
     """Gathered expert weights kept for backward (and their gradients): per layer, one [2F, D] + [D, F] per copy."""
     return 2 * cfg.n_layers * tokens * cfg.top_k * 3 * cfg.ffn_hidden * cfg.d_model * 4
-
-
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def main(argv: list[str] | None = None) -> dict:

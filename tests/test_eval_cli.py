@@ -11,16 +11,13 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.json as pj
 import pyarrow.parquet as pq
 import pytest
-import torch
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
 from moelab.cli import main
-from moelab.config import ModelConfig
 from moelab.eval import EvalModel, TASKS, lm_eval_task_config, task_loss
 from moelab.hf import from_hf_config
 

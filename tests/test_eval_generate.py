@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from moelab.generate import StopStrings, generate, generate_batched, sample_next, score_continuations
+from moelab.generate import StopStrings, generate, generate_batched, left_pad, sample_next, score_continuations
 from moelab.model import MoETransformer
 
 from conftest import tiny_config
@@ -39,14 +39,10 @@ def _prompts(lengths, vocab=101, seed=1):
 
 
 def _hf_greedy(hf, prompts, n_new):
-    P = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), P, dtype=torch.long)
-    am = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = torch.tensor(p)
-        am[i, P - len(p) :] = 1
+    ids, mask = left_pad(prompts)
+    P = ids.shape[1]
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=am, max_new_tokens=n_new, do_sample=False, pad_token_id=0)
+        out = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=n_new, do_sample=False, pad_token_id=0)
     return out[:, P:].tolist()
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 import moelab.lm_eval_backend  # noqa: F401  (registers "moelab")

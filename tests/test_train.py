@@ -29,7 +29,6 @@ from moelab.errors import CheckpointError, ConfigError
 from moelab.model import MoETransformer
 from moelab.train import (
     TIMING_KEYS,
-    TrainingDivergedError,
     latest_checkpoint,
     lr_at,
     pack_state,

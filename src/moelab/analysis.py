@@ -29,12 +29,12 @@ import sqlite3
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 
-from .hf import write_atomic as hf_write_atomic
+from .fileio import write_atomic
 from .errors import MoelabError
 
 # PAPER.md "Questions and findings": memorization vs reasoning benchmarks (plus moelab's synthetic stand-ins).
@@ -73,12 +73,6 @@ def family_of(task: str) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same directory, then ``os.replace``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    hf_write_atomic(path, write)
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -94,28 +88,16 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _find(obj: Any, names: Iterable[str]) -> Any:
-    """First value (depth-first, in key order) stored under any of ``names`` in a nested dict."""
+def _find(obj: Any, names: Iterable[str], *, dicts: bool = False) -> Any:
+    """First value (depth-first, in key order) stored under any of ``names`` in a nested dict: a scalar, or with
+    ``dicts=True`` a dict."""
     names = tuple(names)
     if isinstance(obj, dict):
         for n in names:
-            if n in obj and not isinstance(obj[n], (dict, list)):
+            if n in obj and (isinstance(obj[n], dict) if dicts else not isinstance(obj[n], (dict, list))):
                 return obj[n]
         for v in obj.values():
-            r = _find(v, names)
-            if r is not None:
-                return r
-    return None
-
-
-def _find_dict(obj: Any, names: Iterable[str]) -> dict | None:
-    names = tuple(names)
-    if isinstance(obj, dict):
-        for n in names:
-            if isinstance(obj.get(n), dict):
-                return obj[n]
-        for v in obj.values():
-            r = _find_dict(v, names)
+            r = _find(v, names, dicts=dicts)
             if r is not None:
                 return r
     return None
@@ -455,11 +437,11 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         if k == "n_kv_heads" and v is None:
             v = model.get("n_heads")
         if k == "lr":
-            v = _find(_find_dict(cfg, ("train", "optim", "optimizer", "training")) or cfg, ("lr", "learning_rate", "peak_lr", "max_lr"))
+            v = _find(_find(cfg, ("train", "optim", "optimizer", "training"), dicts=True) or cfg, ("lr", "learning_rate", "peak_lr", "max_lr"))
             if v is None:
                 v = rec.registry.get("lr")
         if k == "seed" and v is None:
-            v = _find(_find_dict(cfg, ("train", "training")) or {}, ("seed",))
+            v = _find(_find(cfg, ("train", "training"), dicts=True) or {}, ("seed",))
         if k in ("init_std", "aux_loss_coef", "z_loss_coef") and v is None:
             from .config import ModelConfig
 

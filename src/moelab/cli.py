@@ -98,8 +98,6 @@ def print_plan_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .accounting import human_count
-
     t = Table(title=f"{len(rows)} configuration(s)")
     for col in ("name", "d", "L", "E", "k", "sparsity", "total", "active", "tokens", "TPP", "FLOPs/token", "train FLOPs"):
         t.add_column(col, justify="right")
@@ -382,7 +380,8 @@ def _task_loss_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_task_loss(a: argparse.Namespace) -> int:
-    from .eval import EvalModel, read_task_loss_file, task_loss, write_jsonl_atomic, write_result
+    from .eval import EvalModel, read_task_loss_file, task_loss, write_result
+    from .fileio import write_jsonl_atomic
 
     if a.batch_size < 1:
         raise MoelabError(f"task-loss: --batch-size must be >= 1 (got {a.batch_size})")

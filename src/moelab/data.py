@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, DataConfig, SourceConfig, TokenizerConfig
 from .errors import DataError
+from .fileio import write_bytes_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -188,8 +189,8 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length or 1_000_000_000,
         }
-        _atomic_write_bytes(directory / "tokenizer.json", self.to_json().encode())
-        _atomic_write_bytes(directory / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+        write_bytes_atomic(directory / "tokenizer.json", self.to_json().encode(), fsync=True, mode=0o644)
+        write_bytes_atomic(directory / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode(), fsync=True, mode=0o644)
         return directory
 
     # -- use
@@ -483,20 +484,6 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "moelab") / "data"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches are often shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fingerprint(sf: SourceFile, cfg: SourceConfig) -> str:
     """Cheap content identity: resolved path + size + mtime of every file (a dataset directory: all its files)."""
     if sf.kind == "hf" and not Path(sf.path).exists():
@@ -599,7 +586,7 @@ def _run_task(task: _Task, tokenizer: Tokenizer | None = None, progress: Callabl
             "n_tokens": n_tokens,
             "n_docs": n_docs,
         }
-        _atomic_write_bytes(prefix.with_name(f"{prefix.name}.json"), (json.dumps(meta, indent=1) + "\n").encode())
+        write_bytes_atomic(prefix.with_name(f"{prefix.name}.json"), (json.dumps(meta, indent=1) + "\n").encode(), fsync=True, mode=0o644)
         return meta
     finally:
         for f in handles.values():

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import MoelabError
-from .sweep import SweepSpec, load_spec, load_study, resolve_spec_path, run_sweep, status_path
+from .sweep import SweepSpec, load_study, resolve_spec_path, run_sweep, status_path
 
 __all__ = ["demo_spec", "run_demo", "chance_baselines", "stage_times"]
 

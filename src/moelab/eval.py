@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import re
 import string
 from collections import Counter
@@ -29,7 +28,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError, DataError, MoelabError
 from .generate import StopStrings, generate_batched, score_continuations
-from .hf import write_json_atomic
+from .fileio import write_json_atomic
 from .model import MoETransformer
 
 LN2 = math.log(2.0)
@@ -233,20 +232,6 @@ def task_loss(em: EvalModel, pairs: Sequence[tuple[str, str]], batch_size: int =
         answer_bytes=sum(it["answer_bytes"] for it in items),
         items=items,
     )
-
-
-def write_jsonl_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ======================================================================================================================

@@ -118,6 +118,17 @@ class StopStrings:
         return any(s in tail for s in self.stops)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [B, P], bool mask [B, P]) of prompts right-aligned to the longest, padded on the left."""
+    P = max(len(p) for p in prompts)
+    ids_BP = torch.full((len(prompts), P), pad_token_id, dtype=torch.long)
+    mask_BP = torch.zeros((len(prompts), P), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids_BP[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask_BP[i, P - len(p) :] = True
+    return ids_BP, mask_BP
+
+
 @torch.inference_mode()
 def generate(
     model: MoETransformer,
@@ -156,12 +167,7 @@ def generate(
 
     # Prefill the distinct prompts once, left-padded.
     B0 = len(prompts)
-    ids_BP = torch.full((B0, P), pad_token_id, dtype=torch.long)
-    mask_BS = torch.zeros((B0, P), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids_BP[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-        mask_BS[i, P - len(p) :] = True
-    ids_BP, mask_BS = ids_BP.to(device), mask_BS.to(device)
+    ids_BP, mask_BS = (t.to(device) for t in left_pad(prompts, pad_token_id))
     pos_BP = (mask_BS.long().cumsum(-1) - 1).clamp_min(0)
     cache = KVCache(model.cfg, B0, P + max_new_tokens, device=device, dtype=dtype)
     with logits_at(model, torch.full((B0, 1), P - 1, dtype=torch.long, device=device)):

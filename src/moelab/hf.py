@@ -9,10 +9,8 @@ that layout, transformers 5's fused layout (``mlp.experts.gate_up_proj`` / ``dow
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .fileio import write_atomic, write_json_atomic
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -152,28 +151,15 @@ def to_hf_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor
             yield q + f"block_sparse_moe.experts.{e}.w2.weight", down[e]
 
 
-def write_atomic(path: Path, write) -> None:
-    """Write a file through a temp file in the same directory and rename it into place (callers pass `write(tmp)`)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """``path/config.json`` of a checkpoint directory; a one-line CheckpointError if it is missing or not JSON."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-
-    def w(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    write_atomic(path, w)
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -238,14 +224,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     from .model import MoETransformer
 
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    cfg = from_hf_config(hf, where=str(cfg_file), **overrides)
+    cfg = from_hf_config(read_hf_config(path), where=str(path / "config.json"), **overrides)
     src = _TensorSource(path)
     with torch.device("meta"):
         model = MoETransformer(cfg)
@@ -330,9 +309,8 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
         f = Path(src) / name
         if f.is_file():
             shutil.copyfile(f, Path(dst) / name)
-    cfg_file = Path(dst) / "config.json"
     ids = special_token_ids(dst)
-    if ids and cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text())
+    if ids and (Path(dst) / "config.json").is_file():
+        cfg = read_hf_config(dst)
         if any(cfg.get(k) != v for k, v in ids.items()):
-            write_json_atomic(cfg_file, {**cfg, **ids})
+            write_json_atomic(Path(dst) / "config.json", {**cfg, **ids})

@@ -40,9 +40,9 @@ from .analysis import (
     sparsity_shift_answer,
     target_values,
     tasks_in,
-    write_atomic,
     write_table,
 )
+from .fileio import write_atomic, write_json_atomic, write_text_atomic
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -1036,9 +1036,9 @@ def make_report(study: str | Path, n_boot: int = 300, seed: int = 0, weights: di
     opt_csv = opt.copy()
     write_atomic(out / "optimal.csv", lambda tmp: opt_csv.to_csv(tmp, index=False))
     fits_json = {t: f.summary() for t, f in fits.items()}
-    write_atomic(out / "fits.json", lambda tmp: Path(tmp).write_text(json.dumps(fits_json, indent=1) + "\n"))
+    write_json_atomic(out / "fits.json", fits_json, indent=1)
     page = _html(study, df, fits, opt, figures, findings, weights, shift)
-    write_atomic(out / "index.html", lambda tmp: Path(tmp).write_text(page))
+    write_text_atomic(out / "index.html", page)
     # a figure from an earlier report whose data is gone must not linger beside the new page
     current = {f.file for f in figures}
     for old in out.glob("*.png"):

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import warnings
@@ -33,7 +32,8 @@ import torch
 
 from .config import GRPOConfig
 from .errors import CheckpointError, ConfigError, DataError
-from .hf import copy_tokenizer_files, write_json_atomic
+from .fileio import write_json_atomic, write_jsonl_atomic
+from .hf import copy_tokenizer_files, read_hf_config
 
 __all__ = [
     "GRPO_TASKS",
@@ -379,8 +379,6 @@ class _MetricsLog:
         self.path, self.rows, self.callback = path, [], Callback()
 
     def write(self) -> None:
-        from .eval import write_jsonl_atomic
-
         write_jsonl_atomic(self.path, self.rows)
 
 
@@ -450,12 +448,7 @@ def _run_grpo(model_dir, task, data_dir, out_dir, cfg, *, preset: str, progress:
     src, out = Path(model_dir).resolve(), Path(out_dir).resolve()
     if src == out:
         raise ConfigError(f"--out {out} is the input checkpoint; choose another directory")
-    if not (src / "config.json").is_file():
-        raise CheckpointError(f"{src}: not a checkpoint directory (no config.json)")
-    try:
-        hf_cfg = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{src / 'config.json'}: invalid JSON ({e})") from None
+    hf_cfg = read_hf_config(src)
     model_cfg = from_hf_config(hf_cfg, where=str(src / "config.json"))
     if cfg.max_prompt_tokens + cfg.max_completion_tokens > model_cfg.max_seq_len:
         raise ConfigError(

@@ -49,10 +49,10 @@ from typing import Any, Callable, Iterator, Literal
 import yaml
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, PrivateAttr, model_validator
 
-from .accounting import human_count
 from .accounting import plan as account
 from .config import DataConfig, ModelConfig, RunConfig, StrictModel, SyntheticConfig, TrainConfig, load_yaml
 from .errors import ConfigError, MoelabError
+from .fileio import write_json_atomic, write_text_atomic
 
 __all__ = [
     "SweepSpec",
@@ -626,18 +626,12 @@ def _write_text_if_changed(path: Path, text: str) -> bool:
     """Atomic write (temp + rename) that leaves an identical file untouched (its mtime too)."""
     if path.is_file() and path.read_text() == text:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return True
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, default=str)
 
 
 def _read_json(path: Path) -> Any:

@@ -56,7 +56,8 @@ from safetensors.torch import load_file, save_file
 from .accounting import Plan, human_count, plan
 from .config import RunConfig, TrainConfig, load_yaml
 from .errors import CheckpointError, ConfigError, MoelabError
-from .hf import copy_tokenizer_files, write_json_atomic
+from .fileio import write_json_atomic, write_text_atomic
+from .hf import copy_tokenizer_files
 from .model import MoETransformer, load_imbalance
 
 __all__ = [
@@ -391,15 +392,6 @@ def _fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory into place; an older directory of the same name is removed first."""
     if final.exists():
@@ -460,7 +452,7 @@ def save_checkpoint(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _write_text_atomic(root / "latest", final.name + "\n")
+        write_text_atomic(root / "latest", final.name + "\n", fsync=True)
         keep = cfg.train.keep_last
         if keep > 0:
             for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -521,7 +513,7 @@ class MetricsLog:
             return
         if resume_step is not None:
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            _write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept), fsync=True)
         self.file = open(self.path, "a")
         from torch.utils.tensorboard import SummaryWriter
 
@@ -877,7 +869,7 @@ def _train_loop(
         torch=torch.__version__,
     )
     if env.main:
-        _write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), fsync=True)
 
     # --- data, model, optimizer, sampler (restored from the checkpoint when resuming) ---
     try:
