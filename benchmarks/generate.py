@@ -112,7 +112,9 @@ def main() -> None:
             n_new += len(x)
         return f"{same}/{len(out_ours)}", n_new
 
-    scenarios = []  # (name, rows, ours(), theirs(), check(out_ours, out_theirs) -> (same, new tokens))
+    # (name, rows, ours(), theirs(), check(out_ours, out_theirs) -> (same, new tokens), or for scenarios whose token
+    # count varies per call (sampled rows ending at different steps) None and count(out, who) -> tokens generated)
+    scenarios = []
     for B in [int(b) for b in a.batch_sizes.split(",") if b]:
         prompts = make_prompts(B)
         ids, mask = left_pad(prompts, device)
@@ -125,7 +127,7 @@ def main() -> None:
                 out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
             return out[:, ids.shape[1] :].tolist()
 
-        scenarios.append((f"greedy B={B}", B, run_ours, run_theirs, same_greedy))
+        scenarios.append((f"greedy B={B}", B, run_ours, run_theirs, same_greedy, None))
     if a.eos_batch:
         # Rows of different lengths, as generate_until's stop sequences make them: every row but the first gets an
         # EOS token taken from its own free-running greedy output at a random step (never a token of row 0, which
@@ -152,7 +154,7 @@ def main() -> None:
             return out[:, ids.shape[1] :].tolist()
 
         scenarios.append((f"greedy B={B}, EOS (mean length {sum(ends) / B:.0f})", B, run_ours_eos, run_theirs_eos,
-                          lambda x, y: same_greedy(x, y, eos_ids)))
+                          lambda x, y: same_greedy(x, y, eos_ids), None))
     if a.sc:
         n_prompts, n_samples = (int(x) for x in a.sc.lower().split("x"))
         prompts = make_prompts(n_prompts)
@@ -172,7 +174,7 @@ def main() -> None:
             assert all(len(o) == a.new_tokens for o in out_ours + out_theirs)
             return "n/a (sampled)", len(out_ours) * a.new_tokens
 
-        scenarios.append((f"sample {n_prompts}×{n_samples}", n_prompts * n_samples, run_ours_sc, run_theirs_sc, same_sampled))
+        scenarios.append((f"sample {n_prompts}×{n_samples}", n_prompts * n_samples, run_ours_sc, run_theirs_sc, same_sampled, None))
 
         if a.sc_eos:
             # Stop tokens picked from one free-running sampled batch: add the most frequent tokens to the EOS set
@@ -208,11 +210,11 @@ def main() -> None:
                 return sum(next((j + 1 for j, x in enumerate(r) if x in sc_eos), len(r)) for r in out)
 
             scenarios.append((f"sample {n_prompts}×{n_samples}, EOS (mean length ≈ {mean_end:.0f})", n_prompts * n_samples,
-                              run_ours_sc_eos, run_theirs_sc_eos, generated))
+                              run_ours_sc_eos, run_theirs_sc_eos, None, generated))
 
     rows, speedup, results = [], {}, {}
-    for name, n_rows, run_ours, run_theirs, check in scenarios:
-        variable = check.__name__ == "generated"  # tokens per call vary (sampled rows end at different steps)
+    for name, n_rows, run_ours, run_theirs, check, count in scenarios:
+        variable = count is not None
         out_o, out_t = run_ours(), run_theirs()  # also the warm-up
         same, n_new = ("n/a (sampled)", None) if variable else check(out_o, out_t)
         counts: dict[str, list[int]] = {"moelab": [], "transformers": []}
@@ -220,7 +222,7 @@ def main() -> None:
         def counted(fn, who):
             def call():
                 out = fn()
-                counts[who].append(check(out, who) if variable else n_new)
+                counts[who].append(count(out, who) if variable else n_new)
             return call
 
         print(f"{name}: {a.rounds} interleaved rounds …", file=sys.stderr)

@@ -69,7 +69,7 @@ def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _special_from_config(value: Any) -> str | None:
+def special_token_content(value: Any) -> str | None:
     """tokenizer_config.json stores specials as a string or as an AddedToken dict."""
     if isinstance(value, dict):
         value = value.get("content")
@@ -154,8 +154,8 @@ class Tokenizer:
                     tok_cfg = json.loads(cfg_file.read_text())
                 except json.JSONDecodeError as e:
                     raise DataError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from None
-            eos_token = eos_token or _special_from_config(tok_cfg.get("eos_token"))
-            pad_token = pad_token or _special_from_config(tok_cfg.get("pad_token"))
+            eos_token = eos_token or special_token_content(tok_cfg.get("eos_token"))
+            pad_token = pad_token or special_token_content(tok_cfg.get("pad_token"))
             if (path / "tokenizer.json").is_file():
                 return cls(_backend_from_file(path / "tokenizer.json"), eos_token, pad_token)
             if cfg_file.is_file():  # e.g. a sentencepiece-only transformers directory: let transformers convert it

@@ -284,6 +284,8 @@ def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
         return {}
     from tokenizers import Tokenizer
 
+    from .data import special_token_content
+
     names: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
         f = d / name
@@ -295,8 +297,8 @@ def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
     vocab = Tokenizer.from_file(str(d / "tokenizer.json"))
     ids: dict[str, int] = {}
     for key, tok in names.items():
-        content = tok.get("content") if isinstance(tok, dict) else tok
-        tid = vocab.token_to_id(content) if isinstance(content, str) else None
+        content = special_token_content(tok)
+        tid = vocab.token_to_id(content) if content is not None else None
         if tid is not None:
             ids[f"{key}_id"] = tid
     return ids
