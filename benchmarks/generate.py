@@ -8,8 +8,9 @@ new tokens (EOS disabled, so every row generates exactly ``--new-tokens``, excep
 * ``greedy B=…, EOS`` (``--eos-batch``): the same with EOS tokens that end all rows but one early, at random steps
   (as stop sequences do in ``generate_until``); moelab drops finished rows, transformers pads them to the end.
 * ``sample P×N`` (``--sc``): P prompts × N samples at temperature 0.6, top-p 0.95 (self-consistency, PAPER.md
-  "Evaluation"); moelab prefills each prompt once and copies its cache N times, transformers'
-  ``num_return_sequences`` repeats the prompt N times before its prefill. Samples differ (different RNG use).
+  "Evaluation"); moelab prefills each prompt once and its N samples decode from that one cache (cascade
+  attention), transformers' ``num_return_sequences`` repeats the prompt N times before its prefill. Samples differ
+  (different RNG use).
 * ``sample P×N, EOS`` (``--sc-eos MEAN``): the same with stop tokens, as GSM8K self-consistency runs (stop
   sequences, up to 1024 new tokens, PAPER.md): a set of EOS tokens is picked from one free-running sampled batch so
   that rows end after about MEAN tokens on average. Both sample from the same distribution, so their rows end at

@@ -117,6 +117,31 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     draws = {sample_next(logits, 1.0, top_p=0.95, generator=g).item() for _ in range(600)}
     assert draws == {0, 1, 2}
     assert sample_next(logits, 0.0).item() == 0
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(logits, 1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (0.6, 0, 0.95), (1.0, 0, 0.5), (1.3, 7, 1.0), (0.8, 12, 0.9)])
+def test_sampling_frequencies_match_transformers_warpers(temperature, top_k, top_p):
+    """Draws follow exactly the distribution transformers' temperature → top-k → top-p warpers leave."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(11)
+    logits_BV = torch.randn(4, 40, generator=g) * torch.tensor([[0.5], [2.0], [4.0], [1.0]])
+    scores = TemperatureLogitsWarper(temperature)(None, logits_BV.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    expected_BV = scores.softmax(dim=-1)
+    n = 20_000
+    draws_NB = sample_next(logits_BV.repeat(n, 1), temperature, top_p, top_k, generator=g).view(n, 4)
+    freq_BV = torch.zeros_like(expected_BV)
+    freq_BV.scatter_add_(1, draws_NB.T, torch.ones(4, n))
+    freq_BV /= n
+    assert bool((freq_BV[expected_BV == 0] == 0).all())  # nothing outside the kept set, ever
+    tv_B = (freq_BV - expected_BV).abs().sum(dim=-1) / 2
+    assert tv_B.max() < 0.025, tv_B  # total variation; sampling noise alone is ~0.01 here
 
 
 def test_prompt_too_long_is_refused(models):

@@ -27,6 +27,45 @@ def test_kv_cache_decoding_equals_full_forward():
         m(ids[:, :1], cache=cache)
 
 
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_shared_prefix_cache_equals_one_cache_copy_per_row(n_kv_heads):
+    """Cascade decoding (rows read one shared copy of their prompt's cache) equals copying the cache to every row,
+    through left padding, GQA, rows leaving the batch, and several new tokens per call."""
+    cfg = tiny_config(n_kv_heads=n_kv_heads)
+    m = MoETransformer(cfg).eval()
+    lengths, N, P = [7, 4], 3, 7
+    ids_GP = torch.randint(1, cfg.vocab_size, (2, P))
+    keep_GP = torch.arange(P)[None, :] >= P - torch.tensor(lengths)[:, None]  # left padding
+    pos_GP = (keep_GP.long().cumsum(-1) - 1).clamp_min(0)
+    group_B = torch.arange(2).repeat_interleave(N)
+    new_BT = torch.randint(1, cfg.vocab_size, (6, 5))  # different continuations per row
+    with torch.no_grad():
+        copied, shared = KVCache(cfg, 2, P + 5), KVCache(cfg, 2, P)
+        m(ids_GP, position_ids_BT=pos_GP, attention_mask_BS=keep_GP, cache=copied)
+        m(ids_GP, position_ids_BT=pos_GP, attention_mask_BS=keep_GP, cache=shared)
+        copied.reorder(group_B)
+        shared.share_prefix(group_B, max_new=5, keep_GP=keep_GP)
+        mask_BS, pos_B, rows = keep_GP[group_B], pos_GP[group_B, -1], torch.arange(6)
+        for t, width in [(0, 1), (1, 2), (3, 1), (4, 1)]:
+            if t == 3:  # rows 1 and 3 finish; the rest stay grouped by prompt
+                rows = torch.tensor([0, 2, 4, 5])
+                keep_B = torch.tensor([0, 2, 4, 5])
+                copied.reorder(keep_B), shared.reorder(keep_B)
+                mask_BS, pos_B = mask_BS[keep_B], pos_B[keep_B]
+            x_BT = new_BT[rows, t : t + width]
+            pos_BT = pos_B[:, None] + 1 + torch.arange(width)
+            mask_BS = torch.cat([mask_BS, mask_BS.new_ones(len(rows), width)], dim=1)
+            ref = m(x_BT, position_ids_BT=pos_BT, attention_mask_BS=mask_BS, cache=copied).logits
+            out = m(x_BT, position_ids_BT=pos_BT, cache=shared).logits
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+            pos_B = pos_BT[:, -1]
+    assert shared.seq_len == copied.length == P + 5
+    with pytest.raises(ValueError, match="attention_mask_BS"):
+        m(x_BT[:, :1], attention_mask_BS=mask_BS, cache=shared)
+    with pytest.raises(ValueError, match="grouped by prefix"):
+        shared.reorder(torch.tensor([3, 0]))
+
+
 def test_left_padding_with_mask_equals_unpadded_rows():
     cfg = tiny_config()
     m = MoETransformer(cfg).eval()

@@ -6,9 +6,10 @@
 
 The MoE FFN follows the torchtitan recipe: router (fp32 logits) → softmax → top-k, renormalised over the chosen k
 as Mixtral does → sort the token copies by expert → one grouped matmul over 3-D expert weights → weighted combine
-with ``index_add_``. There is no capacity factor (nothing is dropped), no one-hot [T, E, C] dispatch tensor and no
-ModuleList of experts. Two backends compute the same function: ``grouped_mm`` (``torch._grouped_mm``) and ``loop``
-(one matmul per expert over its sorted slice, the reference).
+(back to token order with ``index_copy_``, then one batched matmul). There is no capacity factor (nothing is
+dropped), no one-hot [T, E, C] dispatch tensor and no ModuleList of experts. Two backends compute the same
+function: ``grouped_mm`` (``torch._grouped_mm``) and ``loop`` (one matmul per expert over its sorted slice, the
+reference).
 
 Shape suffixes: B batch, T time (query positions), S key positions or token-expert copies, D model width,
 H heads, K kv heads or top-k (by context), h head dim, E experts, F expert hidden size, L layers, V vocabulary.
@@ -70,6 +71,10 @@ class KVCache:
 
     Every layer writes its new keys at positions ``[length, length + T)``; the model advances ``length`` once per
     forward call, after all layers have written.
+
+    :meth:`share_prefix` turns what is cached so far (one row per distinct prompt) into a read-only prefix that
+    many rows continue, e.g. N self-consistency samples of one few-shot prompt: the prompt's keys and values are
+    then stored and read once per step for all N rows instead of once per row (see :func:`shared_prefix_attention`).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -78,6 +83,12 @@ class KVCache:
         self.v_LBKSh = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0
         self.max_len = max_len
+        self.prefix: SharedPrefix | None = None
+
+    @property
+    def seq_len(self) -> int:
+        """Positions seen so far: the shared prefix (if any) plus what the rows cached themselves."""
+        return self.length + (self.prefix.length if self.prefix is not None else 0)
 
     def update(self, layer: int, k_BKTh: torch.Tensor, v_BKTh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k_BKTh.shape[2]
@@ -88,9 +99,91 @@ class KVCache:
         return self.k_LBKSh[layer, :, :, :end], self.v_LBKSh[layer, :, :, :end]
 
     def reorder(self, index_B: torch.Tensor) -> None:
-        """Keep/reorder batch rows (e.g. drop finished sequences)."""
+        """Keep/reorder batch rows (e.g. drop finished sequences). With a shared prefix, the kept rows must still
+        be grouped by prefix in order (dropping rows keeps that)."""
         self.k_LBKSh = self.k_LBKSh[:, index_B]
         self.v_LBKSh = self.v_LBKSh[:, index_B]
+        if self.prefix is not None:
+            self.prefix = self.prefix.with_rows(self.prefix.group_B[index_B])
+
+    def share_prefix(self, group_B: torch.Tensor, max_new: int, keep_GP: torch.Tensor | None = None) -> None:
+        """Freeze the cached rows as shared prefixes; row b of the new batch continues prefix ``group_B[b]``.
+
+        group_B: non-decreasing prefix index per new row (prompt-major, as ``repeat_interleave`` gives).
+        max_new: positions each new row may add. keep_GP: False at padding positions of the prefixes.
+        """
+        if self.prefix is not None:
+            raise ValueError("this cache already has a shared prefix")
+        L, G, Kv, _, h = self.k_LBKSh.shape
+        k, v = self.k_LBKSh[:, :, :, : self.length], self.v_LBKSh[:, :, :, : self.length]
+        if keep_GP is not None and bool(keep_GP.all()):
+            keep_GP = None
+        self.prefix = SharedPrefix(k, v, keep_GP, self.length).with_rows(group_B)
+        shape = (L, len(group_B), Kv, max_new, h)
+        self.k_LBKSh = k.new_empty(shape)
+        self.v_LBKSh = v.new_empty(shape)
+        self.length, self.max_len = 0, max_new
+
+
+@dataclass
+class SharedPrefix:
+    """Keys/values of G prefixes, [L, G, K, P, h], and which prefix each of the B rows continues."""
+
+    k_LGKPh: torch.Tensor
+    v_LGKPh: torch.Tensor
+    keep_GP: torch.Tensor | None  # False at (left-)padding positions; None: no padding
+    length: int  # P
+    group_B: torch.Tensor | None = None  # row -> prefix (non-decreasing)
+    slot_B: torch.Tensor | None = None  # row -> its rank among the rows of its prefix
+    n_slots: int = 0  # most rows any prefix has
+
+    def with_rows(self, group_B: torch.Tensor) -> "SharedPrefix":
+        if len(group_B) > 1 and bool((group_B[1:] < group_B[:-1]).any()):
+            raise ValueError("rows sharing a prefix must be grouped by prefix in order (group_B non-decreasing)")
+        first_B = torch.searchsorted(group_B, group_B)  # index of the first row of each row's group
+        slot_B = torch.arange(len(group_B), device=group_B.device) - first_B
+        n_slots = int(slot_B.max()) + 1 if len(group_B) else 0
+        return SharedPrefix(self.k_LGKPh, self.v_LGKPh, self.keep_GP, self.length, group_B, slot_B, n_slots)
+
+
+def shared_prefix_attention(
+    q_BHTh: torch.Tensor, k_BKth: torch.Tensor, v_BKth: torch.Tensor, prefix: SharedPrefix, layer: int
+) -> torch.Tensor:
+    """Attention of each row's T new queries over its prefix's P keys and its own t cached keys (causal).
+
+    Cascade attention: the queries of all rows that share a prefix are stacked into one [N·r·T, h] matrix per
+    (prefix, kv head), so the prefix keys and values are read once per step for all of them — a matmul instead
+    of N matrix-vector products over N copies. Both parts are normalised by one softmax over [prefix ‖ own].
+    """
+    B, H, T, h = q_BHTh.shape
+    Kv, t = k_BKth.shape[1], k_BKth.shape[2]
+    r = H // Kv  # query heads per kv head (GQA)
+    k_GKPh, v_GKPh = prefix.k_LGKPh[layer], prefix.v_LGKPh[layer]
+    G, P, N = k_GKPh.shape[0], prefix.length, prefix.n_slots
+    g_B, n_B = prefix.group_B, prefix.slot_B
+    q_BKrTh = q_BHTh.reshape(B, Kv, r, T, h) * h**-0.5
+
+    # Scores over the prefix: scatter rows into a [G, K, N, r, T, h] grid, one matmul per (prefix, kv head).
+    q_grid = q_BKrTh.new_zeros(G, Kv, N, r, T, h)
+    q_grid[g_B, :, n_B] = q_BKrTh
+    s_grid = (q_grid.view(G, Kv, N * r * T, h) @ k_GKPh.transpose(-1, -2)).view(G, Kv, N, r, T, P)
+    s_pre = s_grid[g_B, :, n_B]  # [B, K, r, T, P]
+    if prefix.keep_GP is not None:
+        s_pre = s_pre.masked_fill(~prefix.keep_GP[g_B].view(B, 1, 1, 1, P), float("-inf"))
+
+    # Scores over the row's own keys: the new query j sits at own position t - T + j.
+    s_own = (q_BKrTh.reshape(B, Kv, r * T, h) @ k_BKth.transpose(-1, -2)).view(B, Kv, r, T, t)
+    if T > 1:
+        causal_Tt = torch.arange(t, device=q_BHTh.device)[None, :] <= torch.arange(t - T, t, device=q_BHTh.device)[:, None]
+        s_own = s_own.masked_fill(~causal_Tt, float("-inf"))
+
+    p = torch.cat([s_pre, s_own], dim=-1).float().softmax(dim=-1).to(v_BKth.dtype)
+    p_pre, p_own = p[..., :P], p[..., P:]
+    p_grid = p.new_zeros(G, Kv, N, r, T, P)
+    p_grid[g_B, :, n_B] = p_pre
+    o_grid = (p_grid.view(G, Kv, N * r * T, P) @ v_GKPh).view(G, Kv, N, r, T, h)
+    o_own = (p_own.reshape(B, Kv, r * T, t) @ v_BKth).view(B, Kv, r, T, h)
+    return (o_grid[g_B, :, n_B] + o_own).view(B, H, T, h)
 
 
 class Attention(nn.Module):
@@ -123,7 +216,9 @@ class Attention(nn.Module):
         if cache is not None:
             k_BKTh, v_BKTh = cache.update(layer, k_BKTh, v_BKTh)
         gqa = self.n_kv != self.n_heads
-        if mask_B1TS is None:
+        if cache is not None and cache.prefix is not None:
+            o_BHTh = shared_prefix_attention(q_BHTh, k_BKTh, v_BKTh, cache.prefix, layer)
+        elif mask_B1TS is None:
             o_BHTh = F.scaled_dot_product_attention(q_BHTh, k_BKTh, v_BKTh, is_causal=True, enable_gqa=gqa)
         else:
             o_BHTh = F.scaled_dot_product_attention(q_BHTh, k_BKTh, v_BKTh, attn_mask=mask_B1TS, enable_gqa=gqa)
@@ -440,10 +535,14 @@ class MoETransformer(nn.Module):
         targets_BT: next-token targets aligned with the inputs (already shifted; -100 is ignored).
         position_ids_BT: RoPE positions (default: consecutive from the cache length).
         attention_mask_BS: key padding mask over all S = cache length + T positions (True/1 = real token), for
-            left-padded batches; with it or with a cache, an explicit causal mask is built.
+            left-padded batches; with it or with a cache, an explicit causal mask is built (except with a cache
+            whose prefix is shared, :meth:`KVCache.share_prefix`: that cache holds the prefix's mask itself).
         """
         B, T = input_ids_BT.shape
-        start = cache.length if cache is not None else 0
+        start = cache.seq_len if cache is not None else 0
+        shared = cache is not None and cache.prefix is not None
+        if shared and attention_mask_BS is not None:
+            raise ValueError("with a shared-prefix cache the prefix padding mask lives in the cache; pass no attention_mask_BS")
         if position_ids_BT is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -451,7 +550,7 @@ class MoETransformer(nn.Module):
         cos_BTh, sin_BTh = self.rope_cos[position_ids_BT], self.rope_sin[position_ids_BT]
 
         mask_B1TS = None
-        if cache is not None or attention_mask_BS is not None:
+        if (cache is not None and not shared) or attention_mask_BS is not None:
             S = start + T
             q_pos = torch.arange(start, S, device=input_ids_BT.device)
             k_pos = torch.arange(S, device=input_ids_BT.device)
@@ -510,7 +609,9 @@ __all__ = [
     "MoEOutput",
     "MoETransformer",
     "RMSNorm",
+    "SharedPrefix",
     "dense_swiglu_reference",
     "load_imbalance",
     "rope_tables",
+    "shared_prefix_attention",
 ]
