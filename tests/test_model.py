@@ -48,10 +48,9 @@ def test_shared_prefix_cache_equals_one_cache_copy_per_row(n_kv_heads):
         mask_BS, pos_B, rows = keep_GP[group_B], pos_GP[group_B, -1], torch.arange(6)
         for t, width in [(0, 1), (1, 2), (3, 1), (4, 1)]:
             if t == 3:  # rows 1 and 3 finish; the rest stay grouped by prompt
-                rows = torch.tensor([0, 2, 4, 5])
                 keep_B = torch.tensor([0, 2, 4, 5])
                 copied.reorder(keep_B), shared.reorder(keep_B)
-                mask_BS, pos_B = mask_BS[keep_B], pos_B[keep_B]
+                mask_BS, pos_B, rows = mask_BS[keep_B], pos_B[keep_B], rows[keep_B]
             x_BT = new_BT[rows, t : t + width]
             pos_BT = pos_B[:, None] + 1 + torch.arange(width)
             mask_BS = torch.cat([mask_BS, mask_BS.new_ones(len(rows), width)], dim=1)

@@ -106,10 +106,11 @@ def sample_next(
         outside_B = torch.where(probs_BV > p_B1, probs_BV, 0.0).sum(dim=-1) >= top_p
         if bool(outside_B.any()):
             rows = outside_B.nonzero().squeeze(-1)
-            sorted_RV = probs_BV[rows].sort(dim=-1, descending=True).values
+            probs_RV = probs_BV[rows]
+            sorted_RV = probs_RV.sort(dim=-1, descending=True).values
             n_kept_R1 = ((sorted_RV.cumsum(dim=-1) - sorted_RV) < top_p).sum(dim=-1, keepdim=True)
             threshold_R1 = sorted_RV.gather(-1, n_kept_R1 - 1)  # probability of the token crossing top_p
-            kept_race_RV = race_BV[rows].masked_fill(probs_BV[rows] < threshold_R1, -1.0)
+            kept_race_RV = race_BV[rows].masked_fill(probs_RV < threshold_R1, -1.0)
             next_B[rows] = kept_race_RV.argmax(dim=-1)
     return next_B
 

@@ -151,8 +151,18 @@ def _log_axis(ax, which: str, kind: str) -> None:
     axis.set_minor_locator(NullLocator())  # majors at 1-2-5 (or every power of 2) suffice; minor ticks cost layout time
 
 
+def _has_data(df: pd.DataFrame, col: str) -> bool:
+    """The column exists and holds at least one value."""
+    return col in df and bool(df[col].notna().any())
+
+
+def _task_metric(df: pd.DataFrame, task: str) -> str:
+    """The task's primary metric as the run table names it (e.g. ``exact_match,strict-match``), '' if unknown."""
+    return df[f"metric.{task}"].dropna().iloc[0] if _has_data(df, f"metric.{task}") else ""
+
+
 def _task_title(df: pd.DataFrame, task: str) -> str:
-    metric = df[f"metric.{task}"].dropna().iloc[0] if f"metric.{task}" in df and df[f"metric.{task}"].notna().any() else ""
+    metric = _task_metric(df, task)
     return f"{task}" + (f" ({metric})" if metric else "")
 
 
@@ -255,7 +265,7 @@ def _vs_total(done: pd.DataFrame, panels: list[tuple[str, str, str]], out: Path,
 def fig_loss_vs_total(done: pd.DataFrame, out: Path) -> Figure | None:
     panels = [(c, f"{'final training' if c == 'train_loss' else 'validation'} loss (nats/token)",
                f"{'Training' if c == 'train_loss' else 'Validation'} loss vs total parameters")
-              for c in ("train_loss", "val_loss") if c in done and done[c].notna().any()]
+              for c in ("train_loss", "val_loss") if _has_data(done, c)]
     if not panels:
         return None
     return Figure(_vs_total(done, panels, out, "loss_vs_total_params.png"), "Loss vs total parameters",
@@ -265,7 +275,7 @@ def fig_loss_vs_total(done: pd.DataFrame, out: Path) -> Figure | None:
 
 def fig_task_loss_vs_total(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure | None:
     panels = [(f"bpt.{t}", "task loss (bits/answer token)", f"{t}: task loss") for t in tasks
-              if f"bpt.{t}" in done and done[f"bpt.{t}"].notna().any()]
+              if _has_data(done, f"bpt.{t}")]
     if not panels:
         return None
     return Figure(_vs_total(done, panels, out, "task_loss_vs_total_params.png"), "Task loss vs total parameters",
@@ -282,7 +292,7 @@ def fig_error_vs_total(done: pd.DataFrame, tasks: list[str], out: Path) -> Figur
 
 def fig_gap(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure | None:
     panels = [(f"gap_tt.{t}", "task loss − val loss (bits/token)", f"{t}: train–test gap") for t in tasks
-              if f"gap_tt.{t}" in done and done[f"gap_tt.{t}"].notna().any()]
+              if _has_data(done, f"gap_tt.{t}")]
     if not panels:
         return None
     return Figure(_vs_total(done, panels, out, "train_test_gap.png"), "Train–test gap vs total parameters",
@@ -472,7 +482,7 @@ def fig_test_time_compute(done: pd.DataFrame, tasks: list[str], out: Path) -> Fi
             if ns:
                 _log_axis(ax, "x", "n")
             _score_ylim(ax)
-            metric = done[f"metric.{t}"].dropna().iloc[0] if f"metric.{t}" in done and done[f"metric.{t}"].notna().any() else ""
+            metric = _task_metric(done, t)
             filt = f" ({metric.split(',', 1)[1]})" if "," in metric else ""
             ax.set_xlabel("samples per question n (log₂)")
             ax.set_ylabel(label)
@@ -494,7 +504,7 @@ def fig_grpo(done: pd.DataFrame, curves: dict[str, pd.DataFrame], out: Path) -> 
 
     tl = sorted({c.split(".", 1)[1] for c in done.columns if c.startswith("grpo_after.") and done[c].notna().any()})
     tl = [t for t in tl if f"acc.{t}" in done]
-    has_reward = "grpo_reward_after" in done and done["grpo_reward_after"].notna().any()
+    has_reward = _has_data(done, "grpo_reward_after")
     curves = {r: c for r, c in curves.items() if r in set(done["run_id"])}
     panels = [("acc", t) for t in tl] + ([("reward", "")] if has_reward else []) + ([("curve", "")] if curves else [])
     if not panels:
@@ -537,7 +547,7 @@ def fig_grpo(done: pd.DataFrame, curves: dict[str, pd.DataFrame], out: Path) -> 
         _score_ylim(ax)
         ax.set_xlabel("density k/E (log₂)")
         if kind == "acc":
-            ax.set_ylabel(f"accuracy ({done[f'metric.{t}'].dropna().iloc[0]})" if f"metric.{t}" in done and done[f"metric.{t}"].notna().any() else "accuracy")
+            ax.set_ylabel(f"accuracy ({_task_metric(done, t)})" if _has_data(done, f"metric.{t}") else "accuracy")
             ax.set_title(f"{t}: before vs after GRPO")
         else:
             task = next(iter(done.get("grpo_task", pd.Series(dtype=object)).dropna()), "")
