@@ -36,36 +36,16 @@ import pandas as pd
 
 from .fileio import write_atomic
 from .errors import MoelabError
+from .tasks import families, family_of, primary_metric  # noqa: F401  (re-exported)
 
-# PAPER.md "Questions and findings": memorization vs reasoning benchmarks (plus moelab's synthetic stand-ins).
-FAMILIES: dict[str, tuple[str, ...]] = {
-    "memorization": ("triviaqa", "hellaswag", "synthetic_memory"),
-    "reasoning": ("gsm8k", "gsm_plus", "synthetic_reasoning"),
-}
+# The task families and each task's primary metric come from the task registry (moelab.tasks).
+FAMILIES: dict[str, tuple[str, ...]] = families()
 # Targets the law can be fitted to: the two families' mean error rate, and the validation loss.
 TARGETS: tuple[str, ...] = ("memorization", "reasoning", "loss")
-
-# The accuracy metric plotted and fitted for each task (first one present wins); every variant stays in the table.
-PRIMARY_METRICS: dict[str, tuple[str, ...]] = {
-    "gsm8k": ("exact_match,strict-match", "exact_match,flexible-extract"),
-    "gsm_plus": ("exact_match,strict-match", "exact_match,flexible-extract"),
-    "synthetic_reasoning": ("exact_match,strict-match", "exact_match,flexible-extract"),
-    "hellaswag": ("acc_norm", "acc"),
-    "triviaqa": ("exact_match,remove_whitespace", "exact_match"),
-    "synthetic_memory": ("exact_match", "exact_match,remove_whitespace"),
-}
-_DEFAULT_PRIMARY = ("exact_match,strict-match", "exact_match", "acc_norm", "acc")
 
 COMPLETED = {"completed", "complete", "done", "finished", "success", "succeeded", "ok", "evaluated"}
 TRAIN_LOSS_WINDOW = 10  # final train loss = mean lm_loss over the last this-many logged steps (mini-batch noise)
 LN2 = math.log(2.0)
-
-
-def family_of(task: str) -> str | None:
-    for fam, tasks in FAMILIES.items():
-        if task in tasks:
-            return fam
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,18 +351,6 @@ ACCOUNTING_COLUMNS = (
     "total_params", "active_params", "sparsity", "density", "param_sparsity", "train_tokens", "tpp",
     "flops_per_token", "flops_per_token_6n", "train_flops", "train_flops_6n",
 )
-
-
-def primary_metric(task: str, metrics: dict[str, float]) -> str | None:
-    """The accuracy variant used for plots and fits (PRIMARY_METRICS; ",none" suffixes are accepted)."""
-    for m in PRIMARY_METRICS.get(task, ()) + _DEFAULT_PRIMARY:
-        for k in (m, f"{m},none"):
-            if k in metrics:
-                return k
-    for k in metrics:
-        if "exact_match" in k or k.startswith("acc"):
-            return k
-    return next(iter(metrics), None)
 
 
 def _model_and_plan(rec: RunRecord) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -12,6 +12,7 @@ import sys
 from typing import Callable
 
 from .errors import MoelabError
+from .tasks import grpo_tasks, task_names
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None], str]] = {}
 
@@ -315,7 +316,7 @@ register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a stud
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF Mixtral format + tokenizer)")
-    p.add_argument("--tasks", required=True, help="comma-separated: gsm8k,gsm_plus,gsm_plus_mini,hellaswag,triviaqa,synthetic_memory,synthetic_reasoning")
+    p.add_argument("--tasks", required=True, help="comma-separated: " + ",".join(task_names()))
     p.add_argument("--data-dir", required=True, metavar="DATA", help="local data files (layout: docs/evaluation.md)")
     p.add_argument("--out", required=True, metavar="RESULT.json", help="where to write the results (atomically)")
     p.add_argument("--limit", type=int, metavar="N", help="first N items of each task")
@@ -425,7 +426,7 @@ def _grpo_args(p: argparse.ArgumentParser) -> None:
     from .config import GRPOConfig
 
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF Mixtral format + tokenizer)")
-    p.add_argument("--task", required=True, help="gsm8k or synthetic_reasoning")
+    p.add_argument("--task", required=True, help=" or ".join(grpo_tasks()))
     p.add_argument("--data-dir", required=True, metavar="DATA", help="local data files (gsm8k/train, synthetic/train_reasoning, test splits)")
     p.add_argument("--out", required=True, metavar="DIR2", help="output checkpoint directory (+ grpo.json, grpo_metrics.jsonl)")
     p.add_argument("--preset", default="paper", help="starting settings: paper (default; the paper's verl run) or cpu (tiny models, minutes)")

@@ -25,11 +25,12 @@ from typing import Any
 import yaml
 
 from .errors import MoelabError
+from .tasks import TASKS as TASKS_REGISTRY, primary_metric
 from .sweep import SweepSpec, load_study, resolve_spec_path, run_sweep, status_path
 
 __all__ = ["demo_spec", "run_demo", "chance_baselines", "stage_times"]
 
-TASKS = {"synthetic_memory": "memory", "synthetic_reasoning": "reasoning"}
+TASKS = {name: TASKS_REGISTRY[name].family for name in ("synthetic_memory", "synthetic_reasoning")}  # task -> family
 
 
 def demo_spec(with_grpo: bool = True, spec: str | Path = "demo") -> SweepSpec:
@@ -119,8 +120,6 @@ def stage_times(study: str | Path) -> dict[str, dict[str, float]]:
 
 
 def _acc(metrics: dict[str, float] | None, task: str) -> float | None:
-    from .analysis import primary_metric
-
     per_task = {k.split("/", 1)[1]: v for k, v in (metrics or {}).items() if k.startswith(task + "/") and "task_loss" not in k}
     m = primary_metric(task, per_task)
     return per_task.get(m) if m else None

@@ -30,6 +30,7 @@ from .errors import CheckpointError, ConfigError, DataError, MoelabError
 from .generate import StopStrings, generate_batched, score_continuations
 from .fileio import write_json_atomic
 from .model import MoETransformer
+from .tasks import TASKS, TaskSpec, get_task
 
 LN2 = math.log(2.0)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -238,63 +239,6 @@ def task_loss(em: EvalModel, pairs: Sequence[tuple[str, str]], batch_size: int =
 # Tasks: lm-eval's definitions, data from local files
 # ======================================================================================================================
 
-# The synthetic memorization task (moelab.synthetic): "Q: ...\nA: answer", exact match of the stripped answer.
-_SYNTHETIC_MEMORY = {
-    "output_type": "generate_until",
-    "doc_to_text": "Q: {{question}}\nA:",
-    "doc_to_target": "{{answer}}",
-    "target_delimiter": " ",
-    "fewshot_delimiter": "\n\n",
-    "generation_kwargs": {"until": ["\n", "Q:"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 32},
-    "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
-    "metric_list": [
-        {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True, "ignore_punctuation": False, "regexes_to_ignore": ["\\.$"]}
-    ],
-    "metadata": {"version": 1.0},
-}
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One evaluation task: lm-eval's YAML (relative to ``lm_eval/tasks``) and where its splits live locally.
-
-    ``files`` maps lm-eval split names to file stems under the data directory (``.jsonl``, ``.json`` or
-    ``.parquet`` is looked up in that order); ``fewshot_only`` splits are needed only when ``num_fewshot`` > 0.
-    """
-
-    name: str
-    yaml: str | None  # lm-eval task YAML the protocol comes from; None: ``config`` is the whole definition
-    files: dict[str, str]
-    num_fewshot: int  # paper default (PAPER.md "Evaluation")
-    fewshot_only: tuple[str, ...] = ()
-    config: dict[str, Any] = field(default_factory=dict)  # overrides beyond the data source (synthetic tasks)
-    gsm_style: bool = False  # answers are "#### N" numbers: self-consistency applies
-    about: str = ""
-
-
-TASKS: dict[str, TaskSpec] = {
-    t.name: t
-    for t in [
-        TaskSpec("gsm8k", "gsm8k/gsm8k.yaml", {"test": "gsm8k/test", "train": "gsm8k/train"}, 4, ("train",), gsm_style=True,
-                 about="GSM8K test (1,319), exemplars from train; strict/flexible exact match on the #### number"),
-        TaskSpec("gsm_plus", "gsm_plus/gsm_plus.yaml", {"test": "gsm_plus/test"}, 5, gsm_style=True,
-                 about="GSM-Plus test (10,552), exemplars from test (lm-eval's protocol)"),
-        TaskSpec("gsm_plus_mini", "gsm_plus/gsm_plus_mini.yaml", {"testmini": "gsm_plus/testmini"}, 5, gsm_style=True,
-                 about="GSM-Plus testmini (2,400), exemplars from testmini"),
-        TaskSpec("hellaswag", "hellaswag/hellaswag.yaml", {"validation": "hellaswag/validation", "train": "hellaswag/train"}, 4, ("train",),
-                 about="HellaSwag validation (10,042), acc and acc_norm over 4 endings"),
-        TaskSpec("triviaqa", "triviaqa/default.yaml", {"validation": "triviaqa/validation", "train": "triviaqa/train"}, 4, ("train",),
-                 about="TriviaQA rc.nocontext validation (17,944), exact match over aliases"),
-        TaskSpec("synthetic_reasoning", "gsm8k/gsm8k.yaml",
-                 {"test": "synthetic/synthetic_reasoning", "fewshot": "synthetic/synthetic_reasoning_fewshot"}, 4, ("fewshot",),
-                 config={"training_split": "fewshot", "fewshot_split": "fewshot", "metadata": {"version": 1.0}}, gsm_style=True,
-                 about="moelab.synthetic multi-step arithmetic, GSM8K protocol"),
-        TaskSpec("synthetic_memory", None,
-                 {"test": "synthetic/synthetic_memory", "fewshot": "synthetic/synthetic_memory_fewshot"}, 4, ("fewshot",),
-                 config={**_SYNTHETIC_MEMORY, "test_split": "test", "training_split": "fewshot", "fewshot_split": "fewshot"},
-                 about="moelab.synthetic held-out people's attributes, exact match of the answer"),
-    ]
-}
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
@@ -328,9 +272,7 @@ def task_overrides(name: str, data_dir: str | Path, num_fewshot: int | None = No
 
     Prompt, targets, filters, metrics and generation settings stay lm-eval's.
     """
-    if name not in TASKS:
-        raise ConfigError(f"tasks: unknown task {name!r} (known: {', '.join(TASKS)})")
-    spec = TASKS[name]
+    spec = get_task(name)
     k = spec.num_fewshot if num_fewshot is None else num_fewshot
     builder, files = resolve_task_files(spec, data_dir, k)
     over: dict[str, Any] = dict(spec.config)
@@ -699,8 +641,7 @@ def run_eval(model_dir: str | Path, settings: EvalSettings, progress: bool = Tru
 
     s = settings
     for name in s.tasks:
-        if name not in TASKS:
-            raise ConfigError(f"tasks: unknown task {name!r} (known: {', '.join(TASKS)})")
+        get_task(name)
     if s.num_fewshot is not None and s.num_fewshot < 0:
         raise ConfigError("num_fewshot must be >= 0")
     configs = {name: lm_eval_task_config(name, s.data_dir, s.num_fewshot) for name in s.tasks}  # fails fast on missing files

@@ -175,6 +175,19 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, dtype: torch.dtype
     return path
 
 
+def require_safetensors(path: str | Path) -> Path:
+    """Refuse a checkpoint directory without safetensors weights, before anything (transformers, TRL, lm-eval's
+    ``hf`` backend) could fall back to unpickling ``pytorch_model.bin``. Every loader calls this first."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if (path / WEIGHTS_NAME).is_file() or (path / INDEX_NAME).is_file():
+        return path
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise CheckpointError(f"{path}: only pickled weights found; moelab loads safetensors only")
+    raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
 class _TensorSource:
     """Lazy access to the tensors of a single or sharded safetensors checkpoint."""
 
@@ -191,9 +204,7 @@ class _TensorSource:
             files = {f: path / f for f in set(weight_map.values())}
             self.where = weight_map
         else:
-            if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-                raise CheckpointError(f"{path}: only pickled weights found; moelab loads safetensors only")
-            raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+            require_safetensors(path)
         self.handles = {}
         for key, f in files.items():
             if not f.is_file():

@@ -34,6 +34,7 @@ from .config import GRPOConfig
 from .errors import CheckpointError, ConfigError, DataError
 from .fileio import write_json_atomic, write_jsonl_atomic
 from .hf import copy_tokenizer_files, read_hf_config
+from .tasks import TASKS, grpo_tasks
 
 __all__ = [
     "GRPO_TASKS",
@@ -48,10 +49,10 @@ __all__ = [
     "run_grpo",
 ]
 
-GRPO_TASKS = ("gsm8k", "synthetic_reasoning")
+GRPO_TASKS = grpo_tasks()
 # Training prompts per task (file stems under the data directory; .jsonl/.json/.parquet). Held-out prompts come from
 # the test split ``moelab eval`` uses (moelab.eval.TASKS), so before/after numbers are on the evaluation's questions.
-TRAIN_FILES = {"gsm8k": "gsm8k/train", "synthetic_reasoning": "synthetic/train_reasoning"}
+TRAIN_FILES = {name: TASKS[name].grpo_train for name in GRPO_TASKS}
 
 # Named starting points for `moelab grpo --preset`; a config file and flags override them.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -143,8 +144,6 @@ def _problem(rec: Any, where: str) -> Problem:
 
 def load_problems(task: str, data_dir: str | Path, split: str) -> list[Problem]:
     """``split`` "train": GRPO's prompts; "test": the held-out questions ``moelab eval`` scores."""
-    from .eval import TASKS
-
     if task not in GRPO_TASKS:
         raise ConfigError(f"task: {task!r} is not a GRPO task (choose from {', '.join(GRPO_TASKS)})")
     stem = TRAIN_FILES[task] if split == "train" else TASKS[task].files["test"]
@@ -165,7 +164,7 @@ def gsm8k_protocol() -> dict[str, Any]:
     """lm-eval's installed GSM8K task definition (filters, exact-match settings, stop strings)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from .eval import TASKS, lm_eval_tasks_dir
+    from .eval import lm_eval_tasks_dir
 
     return load_yaml(str(lm_eval_tasks_dir() / TASKS["gsm8k"].yaml), resolve_func=True)
 

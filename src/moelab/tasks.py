@@ -1,0 +1,164 @@
+"""The task registry: every evaluation task moelab knows, in one torch-free place.
+
+Each :class:`TaskSpec` says where the protocol comes from (lm-eval's own YAML, or a full definition for the synthetic
+tasks), where its splits live under a local data directory, the paper's few-shot count, which task *family* it
+belongs to (docs/paper.md §Questions and findings: memorization vs reasoning), the accuracy metric that plots and fits
+use, and, for tasks GRPO can train on, where the training prompts are. Every other list of tasks in moelab
+(evaluation, analysis families and primary metrics, GRPO tasks, CLI help, sweep-spec validation) derives from
+:data:`TASKS`; to add a task, add one entry here (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# The synthetic memorization task (moelab.synthetic): "Q: ...\nA: answer", exact match of the stripped answer.
+_SYNTHETIC_MEMORY = {
+    "output_type": "generate_until",
+    "doc_to_text": "Q: {{question}}\nA:",
+    "doc_to_target": "{{answer}}",
+    "target_delimiter": " ",
+    "fewshot_delimiter": "\n\n",
+    "generation_kwargs": {"until": ["\n", "Q:"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 32},
+    "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
+    "metric_list": [
+        {
+            "metric": "exact_match",
+            "aggregation": "mean",
+            "higher_is_better": True,
+            "ignore_case": True,
+            "ignore_punctuation": False,
+            "regexes_to_ignore": ["\\.$"],
+        }
+    ],
+    "metadata": {"version": 1.0},
+}
+
+GSM_METRICS = ("exact_match,strict-match", "exact_match,flexible-extract")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One evaluation task: lm-eval's YAML (relative to ``lm_eval/tasks``) and where its splits live locally.
+
+    ``files`` maps lm-eval split names to file stems under the data directory (``.jsonl``, ``.json`` or
+    ``.parquet`` is looked up in that order); ``fewshot_only`` splits are needed only when ``num_fewshot`` > 0.
+    ``primary_metrics``: the accuracy variant plots and fits use (the first one present wins).
+    ``grpo_train``: file stem of the GRPO training prompts; None: GRPO cannot train on this task.
+    """
+
+    name: str
+    yaml: str | None  # lm-eval task YAML the protocol comes from; None: ``config`` is the whole definition
+    files: dict[str, str]
+    num_fewshot: int  # paper default (docs/paper.md §Evaluation)
+    family: str  # memorization | reasoning (| code)
+    primary_metrics: tuple[str, ...]
+    fewshot_only: tuple[str, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)  # overrides beyond the data source (synthetic tasks)
+    gsm_style: bool = False  # answers are "#### N" numbers: self-consistency applies
+    grpo_train: str | None = None
+    about: str = ""
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec(
+            "gsm8k", "gsm8k/gsm8k.yaml", {"test": "gsm8k/test", "train": "gsm8k/train"}, 4, "reasoning", GSM_METRICS,
+            ("train",), gsm_style=True, grpo_train="gsm8k/train",
+            about="GSM8K test (1,319), exemplars from train; strict/flexible exact match on the #### number",
+        ),
+        TaskSpec(
+            "gsm_plus", "gsm_plus/gsm_plus.yaml", {"test": "gsm_plus/test"}, 5, "reasoning", GSM_METRICS,
+            gsm_style=True, about="GSM-Plus test (10,552), exemplars from test (lm-eval's protocol)",
+        ),
+        TaskSpec(
+            "gsm_plus_mini", "gsm_plus/gsm_plus_mini.yaml", {"testmini": "gsm_plus/testmini"}, 5, "reasoning",
+            GSM_METRICS, gsm_style=True, about="GSM-Plus testmini (2,400), exemplars from testmini",
+        ),
+        TaskSpec(
+            "hellaswag", "hellaswag/hellaswag.yaml", {"validation": "hellaswag/validation", "train": "hellaswag/train"},
+            4, "memorization", ("acc_norm", "acc"), ("train",),
+            about="HellaSwag validation (10,042), acc and acc_norm over 4 endings",
+        ),
+        TaskSpec(
+            "triviaqa", "triviaqa/default.yaml", {"validation": "triviaqa/validation", "train": "triviaqa/train"}, 4,
+            "memorization", ("exact_match,remove_whitespace", "exact_match"), ("train",),
+            about="TriviaQA rc.nocontext validation (17,944), exact match over aliases",
+        ),
+        TaskSpec(
+            "synthetic_reasoning", "gsm8k/gsm8k.yaml",
+            {"test": "synthetic/synthetic_reasoning", "fewshot": "synthetic/synthetic_reasoning_fewshot"}, 4,
+            "reasoning", GSM_METRICS, ("fewshot",),
+            config={"training_split": "fewshot", "fewshot_split": "fewshot", "metadata": {"version": 1.0}},
+            gsm_style=True, grpo_train="synthetic/train_reasoning",
+            about="moelab.synthetic multi-step arithmetic, GSM8K protocol",
+        ),
+        TaskSpec(
+            "synthetic_memory", None,
+            {"test": "synthetic/synthetic_memory", "fewshot": "synthetic/synthetic_memory_fewshot"}, 4,
+            "memorization", ("exact_match", "exact_match,remove_whitespace"), ("fewshot",),
+            config={**_SYNTHETIC_MEMORY, "test_split": "test", "training_split": "fewshot", "fewshot_split": "fewshot"},
+            about="moelab.synthetic held-out people's attributes, exact match of the answer",
+        ),
+    ]
+}
+
+DEFAULT_PRIMARY = ("exact_match,strict-match", "exact_match", "acc_norm", "acc")
+
+
+def task_names() -> list[str]:
+    return list(TASKS)
+
+
+def get_task(name: str) -> TaskSpec:
+    """The registered task ``name``; a one-line ConfigError lists the known ones."""
+    from .errors import ConfigError
+
+    if name not in TASKS:
+        raise ConfigError(f"tasks: unknown task {name!r} (known: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+def families() -> dict[str, tuple[str, ...]]:
+    """Family name → its tasks, in registry order (docs/paper.md §Questions and findings)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for t in TASKS.values():
+        out[t.family] = out.get(t.family, ()) + (t.name,)
+    return out
+
+
+def family_of(task: str) -> str | None:
+    spec = TASKS.get(task)
+    return spec.family if spec is not None else None
+
+
+def grpo_tasks() -> tuple[str, ...]:
+    return tuple(n for n, t in TASKS.items() if t.grpo_train is not None)
+
+
+def primary_metric(task: str, metrics: dict[str, float]) -> str | None:
+    """The accuracy variant used for plots and fits (the task's ``primary_metrics``; ",none" suffixes accepted)."""
+    spec = TASKS.get(task)
+    for m in (spec.primary_metrics if spec else ()) + DEFAULT_PRIMARY:
+        for k in (m, f"{m},none"):
+            if k in metrics:
+                return k
+    for k in metrics:
+        if "exact_match" in k or k.startswith("acc"):
+            return k
+    return next(iter(metrics), None)
+
+
+__all__ = [
+    "DEFAULT_PRIMARY",
+    "TASKS",
+    "TaskSpec",
+    "families",
+    "family_of",
+    "get_task",
+    "grpo_tasks",
+    "primary_metric",
+    "task_names",
+]
