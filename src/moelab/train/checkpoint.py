@@ -58,6 +58,10 @@ class Selection:
     path: Path | None
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (checkpoint dir name, reason)
 
+    @property
+    def step(self) -> int:
+        return int(self.path.name[len(CKPT_PREFIX):]) if self.path is not None else 0
+
     def warning(self, run_dir: Path) -> str | None:
         if not self.rejected:
             return None

@@ -164,6 +164,9 @@ class _Trainer:
                 f"micro-batches of train.micro_batch ({t.micro_batch})"
             )
         selection = self._select_checkpoint() if resuming else Selection(None)
+        at = selection.step
+        if stop_after_steps is not None and stop_after_steps < at:
+            raise ConfigError(f"--stop-after-steps {stop_after_steps}: {self.run_dir} is already at step {at}")
         self._tidy(out, selection)
         self._start_record(resuming, selection)
         try:
@@ -210,7 +213,6 @@ class _Trainer:
         cfg, t, env = self.cfg, self.t, self.env
         self.record = record = RunRecord(self.run_dir, resuming, env)
         record.data.setdefault("started_at", now())
-        start = int(selection.path.name.removeprefix("step_")) if selection.path else 0
         if resuming:
             record.data.setdefault("resumes", []).append(
                 {"from": selection.path.name if selection.path else None, "at": now()}
@@ -218,7 +220,7 @@ class _Trainer:
         record.update(
             status="running",
             error=None,
-            step=start,
+            step=selection.step,
             config=cfg.model_dump(mode="json"),
             base_dir=str(self.base_dir),
             budget=self.budget.to_dict(),
