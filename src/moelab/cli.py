@@ -178,17 +178,19 @@ def _run_train(a: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from .config import RunConfig
-    from .train import TrainingDivergedError, apply_overrides, load_config, load_preset, resume, train
-
     if sum(x is not None for x in (a.config, a.preset, a.resume)) != 1:
         raise MoelabError("train: give exactly one of CONFIG, --preset NAME or --resume RUN")
     if a.stop_after_steps is not None and a.stop_after_steps < 1:
         raise MoelabError(f"train: --stop-after-steps must be >= 1 (got {a.stop_after_steps})")
+    if a.resume == "" or a.config == "":
+        raise MoelabError(f"train: {'--resume' if a.resume == '' else 'CONFIG'} is an empty path")
     if a.resume is not None and (a.out or a.set):
         raise MoelabError("train: --resume takes the run's own config; --out and --set do not apply")
     if a.resume is None and not a.out:
         raise MoelabError("train: --out RUN is required")
+    from .config import RunConfig  # after the argument checks: importing moelab.train (torch) takes seconds
+    from .train import TrainingDivergedError, apply_overrides, load_config, load_preset, resume, train
+
     kw = dict(stop_after_steps=a.stop_after_steps, progress=False if a.no_progress else None)
     try:
         if a.resume is not None:

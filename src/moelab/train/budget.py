@@ -39,6 +39,10 @@ def resolve_budget(cfg: RunConfig) -> Budget:
     """Steps and warmup from ``train.train_tokens`` or ``train.tpp`` (TPP × total params, docs/paper.md
     "Accounting")."""
     t = cfg.train
+    for name in ("train_tokens", "tpp"):  # config validation rejects these too; this holds for any RunConfig
+        value = getattr(t, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"train.{name}: must be a finite number (got {value})")
     p = plan(cfg.model, train_tokens=t.train_tokens, tpp=t.tpp, seq_len=t.seq_len)
     tokens_per_step = t.global_batch * t.seq_len
     total_steps = max(1, math.ceil(p.train_tokens / tokens_per_step - 1e-9))
@@ -83,6 +87,7 @@ class MemoryEstimate:
     device_limit: int | None
 
     def problem(self) -> str | None:
+        """``"<needed> ...: more than <limit>"`` for the first pool that cannot hold the run, else None."""
         if self.host_limit is not None and self.host_bytes > self.host_limit:
             return (f"{format_bytes(self.host_bytes)} of CPU memory, more than this machine's "
                     f"{format_bytes(self.host_limit)}")
@@ -147,7 +152,7 @@ def check_memory(model: ModelConfig, t: TrainConfig) -> MemoryEstimate:
     }
     largest = max(parts, key=parts.get)
     raise ConfigError(
-        f"model: {human_count(est.params)} parameters need at least {problem} for fp32 weights, gradients and "
-        f"AdamW state ({BYTES_PER_PARAM} bytes per parameter, before activations); largest part: {largest} = "
+        f"model: {human_count(est.params)} parameters cannot fit: fp32 weights, gradients and AdamW state alone "
+        f"({BYTES_PER_PARAM} bytes per parameter, before activations) need {problem}; largest part: {largest} = "
         f"{human_count(parts[largest])} parameters"
     )
