@@ -2,7 +2,7 @@
 
     budget (tokens or TPP × total params) → steps = ceil(tokens / (global_batch · seq_len))
     for step in 1..steps:
-        lr ← linear warmup, cosine to min_lr_ratio · peak                       (docs/paper.md "Training")
+        lr ← linear warmup, cosine to min_lr_ratio · peak                       (docs/paper.md §Training)
         x, y ← mixture sampler batch ``step - 1`` (this rank's rows of the global batch)
         for each micro-batch: loss = lm + L·(aux_coef·aux + z_coef·z); (loss / n_micro).backward()
         clip global grad norm; stop on NaN/Inf (before the update); AdamW step

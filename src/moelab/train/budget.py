@@ -36,8 +36,8 @@ class Budget:
 
 
 def resolve_budget(cfg: RunConfig) -> Budget:
-    """Steps and warmup from ``train.train_tokens`` or ``train.tpp`` (TPP × total params, docs/paper.md
-    "Accounting")."""
+    """Steps and warmup from ``train.train_tokens`` or ``train.tpp`` (TPP × total params,
+    docs/paper.md §Accounting)."""
     t = cfg.train
     for name in ("train_tokens", "tpp"):  # config validation rejects these too; this holds for any RunConfig
         value = getattr(t, name)
@@ -57,7 +57,7 @@ def resolve_budget(cfg: RunConfig) -> Budget:
 
 def lr_at(step: int, peak: float, min_ratio: float, warmup: int, total: int) -> float:
     """LR of optimizer step ``step`` (1-based): linear warmup to ``peak`` over ``warmup`` steps, then cosine decay
-    reaching ``min_ratio · peak`` at step ``total`` (docs/paper.md "Training": 4e-4, 2000 steps, floor 10 %)."""
+    reaching ``min_ratio · peak`` at step ``total`` (docs/paper.md §Training: 4e-4, 2000 steps, floor 10 %)."""
     if step <= warmup:
         return peak * step / warmup
     if total <= warmup:

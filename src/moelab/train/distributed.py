@@ -76,7 +76,7 @@ def teardown_distributed(env: DistEnv) -> None:
 
 
 def autocast_dtype(t: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (docs/paper.md "Training": bf16), fp32 on CPU unless asked; parameters stay fp32."""
+    """bf16 autocast on CUDA (docs/paper.md §Training: bf16), fp32 on CPU unless asked; parameters stay fp32."""
     if t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None

@@ -1,7 +1,7 @@
 """The run: ``train`` / ``resume`` and the training loop (nanoGPT-style, one step after another).
 
     for step in start+1 .. steps:
-        lr ← linear warmup, cosine to min_lr_ratio · peak                       (docs/paper.md "Training")
+        lr ← linear warmup, cosine to min_lr_ratio · peak                       (docs/paper.md §Training)
         x, y ← mixture sampler batch ``step - 1`` (this rank's rows of the global batch)
         train_step: micro-batch forward/backward, clip, stop on NaN/Inf before the update, AdamW
         log (+ validate) every log_every / eval_every steps; checkpoint every ckpt_every steps

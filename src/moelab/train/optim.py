@@ -62,6 +62,6 @@ def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict[str, Any]]
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (docs/paper.md "Training") with torch's fused kernel: one pass over each parameter instead of ~10
+    """AdamW (docs/paper.md §Training) with torch's fused kernel: one pass over each parameter instead of ~10
     elementwise ops (on a CPU the unfused step took a third of a d=512 training step; docs/benchmarks.md)."""
     return torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
