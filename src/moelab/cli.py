@@ -152,52 +152,64 @@ register("demo", "the miniature study: sweep → analyze → report on synthetic
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _one_line_errors(p: argparse.ArgumentParser) -> None:
+    """argparse's own errors (``--stop-after-steps abc``) as the one line every other user error is."""
+
+    def error(message: str):
+        p.exit(2, f"moelab: error: {p.prog.removeprefix('moelab ')}: {message}\n")
+
+    p.error = error
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
+    _one_line_errors(p)
     p.add_argument("config", nargs="?", help="run config YAML (model / data / train [/ synthetic])")
     p.add_argument("--preset", help="a packaged config instead of CONFIG: smoke (< 1 min CPU), small (~5 min CPU)")
     p.add_argument("--out", help="run directory to create (required unless --resume)")
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint, bit-identically")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue RUN from its newest verified checkpoint, bit-identically")
     p.add_argument("--stop-after-steps", type=int, metavar="N", help="stop cleanly after step N with a checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.lr=1e-3 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. train.lr=1e-3 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar; print one line per logged step")
 
 
 def _run_train(a: argparse.Namespace) -> int:
     import os
-
-    from .train import TrainingDivergedError, apply_overrides, load_config, load_preset, resume, train
+    from pathlib import Path
 
     if sum(x is not None for x in (a.config, a.preset, a.resume)) != 1:
         raise MoelabError("train: give exactly one of CONFIG, --preset NAME or --resume RUN")
     if a.stop_after_steps is not None and a.stop_after_steps < 1:
         raise MoelabError(f"train: --stop-after-steps must be >= 1 (got {a.stop_after_steps})")
-    progress = False if a.no_progress else None
+    if a.resume == "" or a.config == "":
+        raise MoelabError(f"train: {'--resume' if a.resume == '' else 'CONFIG'} is an empty path")
+    if a.resume is not None and (a.out or a.set):
+        raise MoelabError("train: --resume takes the run's own config; --out and --set do not apply")
+    if a.resume is None and not a.out:
+        raise MoelabError("train: --out RUN is required")
+    from .config import RunConfig  # after the argument checks: importing moelab.train (torch) takes seconds
+    from .train import TrainingDivergedError, apply_overrides, load_config, load_preset, resume, train
+
+    kw = dict(stop_after_steps=a.stop_after_steps, progress=False if a.no_progress else None)
     try:
         if a.resume is not None:
-            if a.out or a.set:
-                raise MoelabError("train: --resume takes the run's own config; --out and --set do not apply")
-            result = resume(a.resume, stop_after_steps=a.stop_after_steps, progress=progress)
+            result = resume(a.resume, **kw)
+        elif a.preset is not None:
+            cfg = load_preset(a.preset)
+            if a.set:
+                cfg = RunConfig.parse(apply_overrides(cfg.model_dump(mode="json"), a.set), where=f"preset {a.preset}")
+            result = train(cfg, a.out, **kw)
         else:
-            if not a.out:
-                raise MoelabError("train: --out RUN is required")
-            if a.preset is not None:
-                from .config import RunConfig
-
-                cfg = load_preset(a.preset)
-                if a.set:
-                    cfg = RunConfig.parse(apply_overrides(cfg.model_dump(mode="json"), a.set), where=f"preset {a.preset}")
-                result = train(cfg, a.out, stop_after_steps=a.stop_after_steps, progress=progress)
-            else:
-                from pathlib import Path
-
-                cfg = load_config(a.config, a.set)
-                result = train(cfg, a.out, base_dir=Path(a.config).resolve().parent, stop_after_steps=a.stop_after_steps, progress=progress)
+            result = train(load_config(a.config, a.set), a.out, base_dir=Path(a.config).resolve().parent, **kw)
     except TrainingDivergedError as e:
         print(f"moelab: error: {e}", file=sys.stderr)
         return 3
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         val = f", val_loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        where = f" → {result.final_dir}" if result.final_dir else f"; continue with `moelab train --resume {result.run_dir}`"
+        where = f" → {result.final_dir}"
+        if not result.final_dir:
+            where = f"; continue with `moelab train --resume {result.run_dir}`"
         print(f"{result.status} at step {result.step}/{result.total_steps}{val}{where}")
     return 0
 

@@ -1,0 +1,128 @@
+"""What a run reports: ``RUN/metrics.jsonl`` (+ TensorBoard), ``RUN/run.json``, and the console lines."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..accounting import human_count
+from ..errors import CheckpointError
+from ..fileio import write_json_atomic, write_text_atomic
+from .budget import Budget
+from .distributed import DistEnv
+
+TIMING_KEYS = ("tokens_per_s", "tflops")  # metrics that depend on wall-clock time (everything else is exact)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The complete lines of a metrics.jsonl (a torn last line, from a killed process, is skipped)."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.append(rec)
+    return out
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step (flushed) and mirrors the scalars to TensorBoard (rank 0 only).
+
+    On resume from step ``s`` the file is first rewritten (atomically) without lines for steps > ``s`` and without a
+    torn last line, and TensorBoard purges events after ``s``, so both equal an uninterrupted run's."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        if resume_step is not None:
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept), fsync=True)
+        self.file = open(self.path, "a")
+        from torch.utils.tensorboard import SummaryWriter  # slow to import: only when a run starts
+
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        step = rec["step"]
+        for k, v in rec.items():
+            if k == "step":
+                continue
+            if isinstance(v, list):
+                for i, x in enumerate(v):
+                    self.tb.add_scalar(f"{k}/layer_{i}", x, step)
+            elif isinstance(v, (int, float)):
+                self.tb.add_scalar(k if k.startswith("val_loss") else f"train/{k}", v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """``RUN/run.json`` as a dict; a one-line CheckpointError naming the file when it is missing, not UTF-8, not
+    JSON, or not an object."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: not a training run (no run.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class RunRecord:
+    """``RUN/run.json``: status, config, budget, accounting plan, baselines; rewritten atomically by rank 0."""
+
+    def __init__(self, run_dir: Path, resuming: bool, env: DistEnv):
+        self.path, self.env = run_dir / "run.json", env
+        self.data: dict[str, Any] = read_run_record(run_dir) if resuming else {}
+
+    def update(self, **changes: Any) -> None:
+        self.data.update(changes, updated_at=now())
+        if self.env.main:
+            write_json_atomic(self.path, self.data)
+
+
+def report(bar, rec: dict[str, Any], budget: Budget, progress: bool, env: DistEnv) -> None:
+    """One logged step on the console: the tqdm bar's postfix, or one plain line (``--no-progress``)."""
+    if not env.main:
+        return
+    val = "".join(f" | {k} {v:.4f}" for k, v in rec.items() if k.startswith("val_loss"))
+    rate = human_count(rec["tokens_per_s"])
+    if progress:
+        bar.set_postfix_str(f"loss {rec['lm_loss']:.4f} | lr {rec['lr']:.2e} | {rate} tok/s", refresh=False)
+        if val:
+            bar.write(f"step {rec['step']}{val}")
+    else:
+        print(
+            f"step {rec['step']:>{len(str(budget.total_steps))}}/{budget.total_steps} | loss {rec['loss']:.4f} | "
+            f"lm {rec['lm_loss']:.4f} | aux {rec['aux_loss']:.3f} | z {rec['z_loss']:.3f} | lr {rec['lr']:.2e} | "
+            f"gnorm {rec['grad_norm']:.3f} | {rate} tok/s{val}",
+            flush=True,
+        )
