@@ -1,6 +1,7 @@
 import pytest
 
-from moelab.accounting import active_params, human_count, paper_config, paper_grid, plan, total_params
+from moelab.accounting import active_params, human_count, plan, total_params
+from moelab.config import paper_config, paper_grid
 from moelab.model import MoETransformer
 
 from conftest import tiny_config
