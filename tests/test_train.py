@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from moelab.accounting import paper_config
+from moelab.config import paper_config
 from moelab.cli import main
 from moelab.config import ModelConfig, RunConfig, TrainConfig
 from moelab.errors import CheckpointError, ConfigError
