@@ -173,6 +173,14 @@ class SigmoidBiasRouter(Router):
         self.normalize_weights = cfg.router.normalize_weights
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        """Keep ``expert_bias`` fp32 through ``model.to(torch.bfloat16)``: in bf16 a bias of ~0.1 moves in steps of
+        ~4e-4 and updates of γ = 1e-3 would round unevenly (and smaller γ vanish)."""
+        super()._apply(fn, recurse)
+        if self.expert_bias.is_floating_point() and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
     def forward(self, x_TD: torch.Tensor) -> Routing:
         T, K = x_TD.shape[0], self.top_k
         with torch.autocast(x_TD.device.type, enabled=False):
