@@ -196,12 +196,13 @@ class MemoryEstimate:
         return self.weights_bytes + self.grads_bytes + self.optimizer_bytes
 
     def describe(self) -> str:
+        """E.g. ``12.3 GB (weights 2.05 GB + grads 2.05 GB + Adam 4.1 GB; 512M parameters)``."""
         parts = [f"weights {_gb(self.weights_bytes)}"]
         if self.grads_bytes:
             parts.append(f"grads {_gb(self.grads_bytes)}")
         if self.optimizer_bytes:
             parts.append(f"Adam {_gb(self.optimizer_bytes)}")
-        return f"{_gb(self.total_bytes)} ({' + '.join(parts)} for {human_count(self.params)} parameters)"
+        return f"{_gb(self.total_bytes)} ({' + '.join(parts)}; {human_count(self.params)} parameters)"
 
 
 def _gb(n: int) -> str:
@@ -243,10 +244,10 @@ def check_memory(cfg: "ModelConfig", available_bytes: int | None = None, *, trai
     est = memory_estimate(cfg, weight_bytes=weight_bytes, training=training)
     budget = available_memory_bytes() if available_bytes is None else available_bytes
     if budget is not None and est.total_bytes > budget:
-        what = "training" if training else "holding"
+        what = "training it" if training else "its weights"
         raise ConfigError(
-            f"{where}: {what} {getattr(cfg, 'name', 'this model')} needs at least {est.describe()}, "
-            f"more than the {_gb(budget)} available"
+            f"{where}: {getattr(cfg, 'name', 'this model')} is too large: {what} would need at least "
+            f"{est.describe()}, more than the {_gb(budget)} of memory available"
         )
     return est
 

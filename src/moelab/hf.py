@@ -294,9 +294,10 @@ def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> Iterator[
             yield q + f"block_sparse_moe.experts.{e}.w2.weight", down[e]
 
 
-def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def _check_shape(src: "TensorSource", name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    t = src.get(name)
     if tuple(t.shape) != shape:
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, config implies {shape}")
+        raise CheckpointError(f"{src.path}: tensor {name!r} has shape {tuple(t.shape)}, config implies {shape}")
     return t
 
 
@@ -311,16 +312,14 @@ def from_hf_state_dict(cfg: ModelConfig, src: "TensorSource") -> dict[str, torch
             sd[p + ours] = src.get(q + theirs)
         if fused:
             sd[p + "moe.router.weight"] = src.get(q + "mlp.gate.weight")
-            name = q + "mlp.experts.gate_up_proj"
-            sd[p + "moe.w_gate_up_E2FD"] = _check_shape(name, src.get(name), (E, 2 * Fh, d))
-            name = q + "mlp.experts.down_proj"
-            sd[p + "moe.w_down_EDF"] = _check_shape(name, src.get(name), (E, d, Fh))
+            sd[p + "moe.w_gate_up_E2FD"] = _check_shape(src, q + "mlp.experts.gate_up_proj", (E, 2 * Fh, d))
+            sd[p + "moe.w_down_EDF"] = _check_shape(src, q + "mlp.experts.down_proj", (E, d, Fh))
         else:
             m = q + "block_sparse_moe."
             sd[p + "moe.router.weight"] = src.get(m + "gate.weight")
-            w1 = [_check_shape(n, src.get(n), (Fh, d)) for n in (f"{m}experts.{e}.w1.weight" for e in range(E))]
-            w3 = [_check_shape(n, src.get(n), (Fh, d)) for n in (f"{m}experts.{e}.w3.weight" for e in range(E))]
-            w2 = [_check_shape(n, src.get(n), (d, Fh)) for n in (f"{m}experts.{e}.w2.weight" for e in range(E))]
+            w1 = [_check_shape(src, f"{m}experts.{e}.w1.weight", (Fh, d)) for e in range(E)]
+            w3 = [_check_shape(src, f"{m}experts.{e}.w3.weight", (Fh, d)) for e in range(E)]
+            w2 = [_check_shape(src, f"{m}experts.{e}.w2.weight", (d, Fh)) for e in range(E)]
             sd[p + "moe.w_gate_up_E2FD"] = torch.cat([torch.stack(w1), torch.stack(w3)], dim=1)
             sd[p + "moe.w_down_EDF"] = torch.stack(w2)
     return sd
@@ -330,6 +329,7 @@ class TensorSource:
     """Lazy access to the tensors of a single or sharded safetensors checkpoint."""
 
     def __init__(self, path: Path):
+        self.path = path
         single, index = path / WEIGHTS_NAME, path / INDEX_NAME
         if single.is_file():
             files: dict[str | None, Path] = {None: single}
@@ -354,11 +354,11 @@ class TensorSource:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.keys:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+            raise CheckpointError(f"{self.path}: checkpoint is missing tensor {name!r}")
         try:
             return self.handles[self.where.get(name) if self.where else None].get_tensor(name)
         except Exception as e:  # a truncated file fails only when the tensor is read
-            raise CheckpointError(f"tensor {name!r}: cannot be read ({e})") from None
+            raise CheckpointError(f"{self.path}: tensor {name!r} cannot be read ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
