@@ -142,7 +142,8 @@ def test_one_process_global_batch_is_micro_batch():
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist_aux")
     worker = Path(__file__).parent / "dist_aux_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(out)]
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out

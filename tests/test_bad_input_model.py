@@ -54,13 +54,15 @@ SET_CASES = [
 def test_bad_config_values_through_train_set(tmp_path, override, needle):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(RUN_YAML)
-    assert_clean_error(["train", cfg, "--out", tmp_path / "run", "--set", override], [str(cfg), needle], watch=[tmp_path])
+    argv = ["train", cfg, "--out", tmp_path / "run", "--set", override]
+    assert_clean_error(argv, [str(cfg), needle], watch=[tmp_path])
 
 
 def test_non_finite_value_in_the_yaml_file(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(RUN_YAML.replace("train_tokens: 1000", "train_tokens: .inf"))
-    assert_clean_error(["train", cfg, "--out", tmp_path / "run"], [str(cfg), "train.train_tokens", "finite"], watch=[tmp_path])
+    argv = ["train", cfg, "--out", tmp_path / "run"]
+    assert_clean_error(argv, [str(cfg), "train.train_tokens", "finite"], watch=[tmp_path])
 
 
 @pytest.mark.parametrize(
@@ -135,6 +137,14 @@ def _set_model(**changes):
     return mutate
 
 
+def _write(d: Path, config_bytes: bytes) -> None:
+    (d / "config.json").write_bytes(config_bytes)
+
+
+def _truncate(d: Path) -> None:
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:4000])
+
+
 def _drop_key(d: Path, key: str) -> None:
     cfg = json.loads((d / "config.json").read_text())
     del cfg[key]
@@ -153,19 +163,18 @@ def _pickle_only(d: Path) -> None:
 
 CKPT_CASES = {
     # name: (which checkpoint, how to break it, what the line names)
-    "config-not-utf8": ("mixtral", lambda d: (d / "config.json").write_bytes(b'{"hidden_size": "\xff"}'), ["config.json", "UTF-8"]),
-    "config-a-list": ("mixtral", lambda d: (d / "config.json").write_text("[1, 2]"), ["config.json", "JSON object", "list"]),
-    "config-invalid-json": ("mixtral", lambda d: (d / "config.json").write_text("{"), ["config.json", "invalid JSON"]),
+    "config-not-utf8": ("mixtral", lambda d: _write(d, b'{"hidden_size": "\xff"}'), ["config.json", "UTF-8"]),
+    "config-a-list": ("mixtral", lambda d: _write(d, b"[1, 2]"), ["config.json", "JSON object", "list"]),
+    "config-invalid-json": ("mixtral", lambda d: _write(d, b"{"), ["config.json", "invalid JSON"]),
     "hidden_size-abc": ("mixtral", _set(hidden_size="abc"), ["config.json", "hidden_size", "'abc'"]),
     "num_attention_heads-0": ("mixtral", _set(num_attention_heads=0), ["config.json", "num_attention_heads", "0"]),
     "rope_parameters-string": ("mixtral", _set(rope_parameters="default"), ["config.json", "rope_parameters"]),
     "rms_norm_eps-nan": ("mixtral", _set(rms_norm_eps=float("nan")), ["config.json", "rms_norm_eps"]),
     "missing-field": ("mixtral", lambda d: _drop_key(d, "num_local_experts"), ["config.json", "num_local_experts"]),
     "shape-mismatch": ("mixtral", _set(intermediate_size=48), ["has shape"]),
-    "truncated-weights": ("mixtral", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:4000]),
-                          ["model.safetensors"]),
+    "truncated-weights": ("mixtral", _truncate, ["model.safetensors"]),
     "pickle-only": ("mixtral", _pickle_only, ["safetensors only"]),
-    "native-bad-router": ("native", _set_model(router={"type": "expert_choice"}), ["config.json", "router", "'expert_choice'"]),
+    "native-bad-router": ("native", _set_model(router={"type": "x"}), ["config.json", "router", "'x'"]),
     "native-inf-field": ("native", _set_model(rope_theta="inf"), ["config.json", "rope_theta", "finite"]),
     "native-format-2": ("native", _set(moelab_format=2), ["config.json", "moelab_format"]),
     "native-model-not-object": ("native", _set(model="d512"), ["config.json", "model must be a JSON object"]),
@@ -188,8 +197,8 @@ def test_broken_checkpoint_through_from_pretrained(checkpoints, tmp_path, name):
 
 
 def test_not_a_directory():
-    assert_api_error(lambda: MoETransformer.from_pretrained("/nonexistent/ckpt"), ["/nonexistent/ckpt", "no config.json"],
-                     CheckpointError)
+    missing = "/nonexistent/ckpt"
+    assert_api_error(lambda: MoETransformer.from_pretrained(missing), [missing, "no config.json"], CheckpointError)
 
 
 @pytest.mark.parametrize("name", ["config-not-utf8", "config-a-list", "hidden_size-abc", "num_attention_heads-0",

@@ -52,8 +52,9 @@ def test_transformers_to_ours_logits_equal(tmp_path, overrides):
     theirs = MixtralForCausalLM(hf_cfg).eval()  # transformers' own random init
     theirs.save_pretrained(tmp_path)
     ours = MoETransformer.from_pretrained(tmp_path).eval()
-    shape = lambda c: (c.d_model, c.n_layers, c.n_heads, c.kv_heads, c.head_size, c.ffn_hidden, c.n_experts, c.top_k, c.vocab_size, c.rope_theta, c.norm_eps)  # noqa: E731
-    assert shape(ours.cfg) == shape(cfg)
+    keys = ("d_model", "n_layers", "n_heads", "kv_heads", "head_size", "ffn_hidden", "n_experts", "top_k", "vocab_size",
+            "rope_theta", "norm_eps")
+    assert [getattr(ours.cfg, k) for k in keys] == [getattr(cfg, k) for k in keys]
     ids = _rand_ids(cfg)
     assert_router_margin(ours, ids)
     with torch.no_grad():

@@ -2,9 +2,10 @@
 
 Why these hold on any x86-64 CPU: the models are untrained (seeded init from torch's CPU generator, identical on
 every machine); two computations of one model are compared within 1e-5, and before each such comparison
-``assert_router_margin`` checks that no routing decision is within 1e-6 (in router probability) of a tie, far more than
-rounding differences between CPUs can move it (see tests/routerlib.py), so no expert choice can flip. The loss checks at initialisation use bands (aux within 0.9–1.5,
-z-loss within 5 % of log(E)²) that rounding cannot cross.
+``assert_router_margin`` checks that no routing decision is within 1e-6 (in router probability) of a tie, far
+more than rounding differences between CPUs can move it (see tests/routerlib.py), so no expert choice can flip.
+The loss checks at initialisation use bands (aux within 0.9–1.5, z-loss within 5 % of log(E)²) that rounding
+cannot cross.
 """
 
 import math

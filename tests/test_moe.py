@@ -54,7 +54,8 @@ def grads(layer: MoEFFN, x_TD: torch.Tensor, g_TD: torch.Tensor):
     y, aux, z, counts = layer(x)
     ((y * g_TD).sum() + aux + z).backward()
     return {"y": y.detach(), "aux": aux.detach(), "z": z.detach(), "counts": counts, "dx": x.grad,
-            "d_router": layer.router.weight.grad, "d_gate_up": layer.w_gate_up_E2FD.grad, "d_down": layer.w_down_EDF.grad}
+            "d_router": layer.router.weight.grad, "d_gate_up": layer.w_gate_up_E2FD.grad,
+            "d_down": layer.w_down_EDF.grad}
 
 
 CASES = [

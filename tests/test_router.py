@@ -64,7 +64,8 @@ class ThresholdRouter(Router):
         token_S, expert_S = keep_TE.nonzero(as_tuple=True)
         weight_S = probs_TE[token_S, expert_S]
         counts_E = expert_counts(expert_S, self.n_experts)
-        return Routing(token_S, expert_S, weight_S, counts_E, probs_TE.new_zeros(()), probs_TE.new_zeros(()), top_k=None)
+        zero = probs_TE.new_zeros(())
+        return Routing(token_S, expert_S, weight_S, counts_E, aux_loss=zero, z_loss=zero, top_k=None)
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
@@ -82,11 +83,12 @@ def test_a_router_with_any_number_of_copies_per_token_runs_through_dispatch_and_
     probs = (x_TD @ layer.router.weight.detach().t()).softmax(-1)
     gap = (probs - ThresholdRouter.tau).abs().min()
     assert gap > 1e-4, "a probability sits on the threshold: rounding could change the copies on another CPU"
-    choices = [[] if t == 0 else [(e, probs[t, e]) for e in range(8) if probs[t, e] >= ThresholdRouter.tau] for t in range(T)]
+    choices = [[(e, probs[t, e]) for e in range(8) if t > 0 and probs[t, e] >= ThresholdRouter.tau] for t in range(T)]
     n_copies = [len(c) for c in choices]
     assert len(set(n_copies)) >= 3 and 0 in n_copies  # genuinely variable: several copy counts, one token with none
 
-    ref_params = [p.detach().clone().requires_grad_(True) for p in (layer.router.weight, layer.w_gate_up_E2FD, layer.w_down_EDF)]
+    weights = (layer.router.weight, layer.w_gate_up_E2FD, layer.w_down_EDF)
+    ref_params = [p.detach().clone().requires_grad_(True) for p in weights]
     x_ref = x_TD.clone().requires_grad_(True)
     probs_ref = (x_ref @ ref_params[0].t()).softmax(-1)
     ref_choices = [[(e, probs_ref[t, e]) for e, _ in c] for t, c in enumerate(choices)]
@@ -97,7 +99,7 @@ def test_a_router_with_any_number_of_copies_per_token_runs_through_dispatch_and_
     assert torch.equal(y[0].detach(), torch.zeros(layer.d_model))  # no copies: no output
     assert counts.tolist() == [sum(e == k for c in choices for e, _ in c) for k in range(8)]
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    for name, p, ref in zip(("router", "gate_up", "down"), (layer.router.weight, layer.w_gate_up_E2FD, layer.w_down_EDF), ref_params):
+    for name, p, ref in zip(("router", "gate_up", "down"), weights, ref_params):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
@@ -160,7 +162,8 @@ def test_sigmoid_bias_router_equals_the_deepseek_v3_formula(backend, normalize):
     y, aux, z, counts = layer(x)
     ((y * g_TD).sum() + aux + z).backward()
 
-    params = [p.detach().clone().requires_grad_(True) for p in (layer.router.weight, layer.w_gate_up_E2FD, layer.w_down_EDF)]
+    weights = (layer.router.weight, layer.w_gate_up_E2FD, layer.w_down_EDF)
+    params = [p.detach().clone().requires_grad_(True) for p in weights]
     x_ref = x_TD.clone().requires_grad_(True)
     choices, counts_ref, aux_ref, z_ref = sigmoid_reference(x_ref, params[0], bias_E, 2, normalize)
     y_ref = per_token_experts(x_ref, params[1], params[2], choices)
@@ -174,7 +177,7 @@ def test_sigmoid_bias_router_equals_the_deepseek_v3_formula(backend, normalize):
     torch.testing.assert_close(aux.detach(), aux_ref.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(z.detach(), z_ref.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    for p, ref in zip((layer.router.weight, layer.w_gate_up_E2FD, layer.w_down_EDF), params):
+    for p, ref in zip(weights, params):
         torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=1e-5)
     assert "expert_bias" not in dict(layer.named_parameters()) and layer.router.expert_bias.grad is None
 
@@ -256,13 +259,16 @@ def test_native_checkpoint_round_trips_the_router_and_its_bias_exactly(tmp_path)
 def test_mixtral_export_and_transformers_loaders_refuse_a_non_mixtral_router_in_one_line(tmp_path):
     m = MoETransformer(tiny_config(router=SIGMOID))
     native = m.save_pretrained(tmp_path / "native")
-    assert_api_error(lambda: require_mixtral_compatible(native), [str(native), "sigmoid_bias", "transformers"], CheckpointError)
-    assert_api_error(lambda: m.save_pretrained(tmp_path / "mixtral", format="mixtral"), ["sigmoid_bias", "Mixtral"], CheckpointError)
-    assert not (tmp_path / "mixtral").exists()
+    needle = [str(native), "sigmoid_bias", "transformers"]
+    assert_api_error(lambda: require_mixtral_compatible(native), needle, CheckpointError)
+    mx = tmp_path / "mx"
+    assert_api_error(lambda: m.save_pretrained(mx, format="mixtral"), ["sigmoid_bias", "Mixtral"], CheckpointError)
+    assert not (tmp_path / "mx").exists()
     ok = MoETransformer(tiny_config()).save_pretrained(tmp_path / "ok")
     assert require_mixtral_compatible(ok) == ok
     assert json.loads((ok / "config.json").read_text())["model_type"] == "mixtral"  # the paper's router stays Mixtral
-    assert_api_error(lambda: require_mixtral_compatible(tmp_path / "missing"), "not a checkpoint directory", CheckpointError)
+    missing = tmp_path / "missing"
+    assert_api_error(lambda: require_mixtral_compatible(missing), "not a checkpoint directory", CheckpointError)
 
 
 def test_moelab_generation_and_evaluation_load_a_native_checkpoint(tmp_path):
@@ -297,14 +303,17 @@ def test_router_config_yaml_and_errors(tmp_path):
 
     f = tmp_path / "run.yaml"
     f.write_text(
-        "model:\n  n_experts: 16\n  top_k: 4\n  aux_loss_coef: 0.0\n  router:\n    type: sigmoid_bias\n    bias_update_rate: 0.001\n"
+        "model:\n  n_experts: 16\n  top_k: 4\n  aux_loss_coef: 0.0\n"
+        "  router:\n    type: sigmoid_bias\n    bias_update_rate: 0.001\n"
         "data:\n  sources: [{path: x.jsonl}]\ntrain:\n  train_tokens: 1.0e6\n"
     )
     cfg = RunConfig.parse(load_yaml(f), where=str(f))
     assert cfg.model.router.type == "sigmoid_bias" and cfg.model.n_experts == 16 and cfg.model.top_k == 4
-    assert ModelConfig().router.type == "softmax_topk" and ModelConfig.parse({"router": {}}).router.type == "softmax_topk"
-    assert_api_error(lambda: ModelConfig.parse({"router": {"type": "expert_choice"}}), ["router", "'expert_choice'"], ConfigError)
-    assert_api_error(lambda: ModelConfig.parse({"router": {"bias_update_rate": 0.1}}), "router.bias_update_rate: unknown key", ConfigError)
+    assert ModelConfig().router.type == "softmax_topk" == ModelConfig.parse({"router": {}}).router.type
+    parse = ModelConfig.parse
+    assert_api_error(lambda: parse({"router": {"type": "expert_choice"}}), ["router", "'expert_choice'"], ConfigError)
+    needle = "router.bias_update_rate: unknown key"
+    assert_api_error(lambda: parse({"router": {"bias_update_rate": 0.1}}), needle, ConfigError)
     assert_api_error(lambda: ModelConfig.parse({"router": {"type": "sigmoid_bias", "bias_update_rate": -1}}),
                      "router.bias_update_rate", ConfigError)
     assert_api_error(lambda: ModelConfig.parse({"aux_loss_scope": "everywhere"}), "aux_loss_scope", ConfigError)

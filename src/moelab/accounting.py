@@ -111,7 +111,9 @@ class Plan:
         return asdict(self)
 
 
-def plan(cfg: ModelConfig, train_tokens: float | None = None, tpp: float | None = None, seq_len: int | None = None) -> Plan:
+def plan(
+    cfg: ModelConfig, train_tokens: float | None = None, tpp: float | None = None, seq_len: int | None = None
+) -> Plan:
     """Resolve a token budget (tokens, or TPP × total params) and report the accounting for ``cfg``."""
     if (train_tokens is None) == (tpp is None):
         raise ValueError("give exactly one of train_tokens or tpp")
@@ -233,8 +235,10 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def check_memory(cfg: "ModelConfig", available_bytes: int | None = None, *, training: bool = True, weight_bytes: int = 4,
-                 where: str = "model") -> MemoryEstimate:
+def check_memory(
+    cfg: "ModelConfig", available_bytes: int | None = None, *, training: bool = True, weight_bytes: int = 4,
+    where: str = "model",
+) -> MemoryEstimate:
     """Refuse (a one-line ConfigError) a model whose parameter state alone exceeds ``available_bytes`` (default:
     :func:`available_memory_bytes`), before anything is allocated; return the estimate otherwise.
 

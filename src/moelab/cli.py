@@ -29,7 +29,8 @@ def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser],
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="a sweep spec YAML (or preset name: demo, paper): show its resolved runs")
-    p.add_argument("--flops-per-second", type=float, help="with SPEC: assumed sustained FLOP/s per run for the time column")
+    p.add_argument("--flops-per-second", type=float,
+                   help="with SPEC: assumed sustained FLOP/s per run for the time column")
     p.add_argument("--preset", choices=["paper"], help="a named grid: 'paper' = the paper's 65 models")
     p.add_argument("--d-model", type=int)
     p.add_argument("--layers", type=int, default=16)
@@ -80,8 +81,9 @@ def _run_plan(a: argparse.Namespace) -> int:
                 "plan: give --preset or all of --d-model --heads --ffn-hidden --experts --top-k "
                 f"(missing --{missing[0].replace('_', '-')})"
             )
-        fields = dict(d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads, ffn_hidden=a.ffn_hidden,
-                      n_experts=a.experts, top_k=a.top_k, vocab_size=a.vocab_size, max_seq_len=a.seq_len)
+        fields = dict(d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
+                      ffn_hidden=a.ffn_hidden, n_experts=a.experts, top_k=a.top_k, vocab_size=a.vocab_size,
+                      max_seq_len=a.seq_len)
         configs = [ModelConfig.parse(fields, where="plan")]
     tokens = a.train_tokens if a.train_tokens is not None else (None if a.tpp is not None else PAPER_TRAIN_TOKENS)
     plans = []
@@ -98,7 +100,8 @@ def _run_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-register("plan", "show parameter / FLOP / sparsity / TPP accounting for one config or a preset grid", _plan_args, _run_plan)
+register("plan", "show parameter / FLOP / sparsity / TPP accounting for one config or a preset grid", _plan_args,
+         _run_plan)
 
 
 def print_plan_table(rows: list[dict]) -> None:
@@ -106,7 +109,8 @@ def print_plan_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title=f"{len(rows)} configuration(s)")
-    for col in ("name", "d", "L", "E", "k", "sparsity", "total", "active", "tokens", "TPP", "FLOPs/token", "train FLOPs"):
+    cols = ("name", "d", "L", "E", "k", "sparsity", "total", "active", "tokens", "TPP", "FLOPs/token", "train FLOPs")
+    for col in cols:
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(

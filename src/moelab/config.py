@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, NonNegativeFloat, PositiveFloat, PositiveInt, Tag, ValidationError
-from pydantic import NonNegativeInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from pydantic import PositiveInt, Tag, ValidationError, field_validator, model_validator
 
 from . import accounting
 from .errors import ConfigError
@@ -50,8 +50,10 @@ _UNION_LABELS = {"int", "float", "str", "bool", "none", "list", "tuple", "dict"}
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not (isinstance(p, str) and (p in _UNION_LABELS or p in ROUTER_TYPES or "-" in p or "[" in p))]
-    return ".".join(parts)
+    def is_label(p: Any) -> bool:
+        return isinstance(p, str) and (p in _UNION_LABELS or p in ROUTER_TYPES or "-" in p or "[" in p)
+
+    return ".".join(str(p) for p in loc if not is_label(p))
 
 
 def format_validation_error(e: ValidationError, where: str = "") -> str:
@@ -132,7 +134,10 @@ class SigmoidBiasRouterConfig(StrictModel):
     normalize_weights: bool = True
 
 
-ROUTER_CONFIGS: dict[str, type[StrictModel]] = {"softmax_topk": SoftmaxTopKRouterConfig, "sigmoid_bias": SigmoidBiasRouterConfig}
+ROUTER_CONFIGS: dict[str, type[StrictModel]] = {
+    "softmax_topk": SoftmaxTopKRouterConfig,
+    "sigmoid_bias": SigmoidBiasRouterConfig,
+}
 ROUTER_TYPES = frozenset(ROUTER_CONFIGS)
 
 
@@ -144,7 +149,10 @@ def _router_type(v: Any) -> str | None:
 
 
 RouterConfig = Annotated[
-    Union[Annotated[SoftmaxTopKRouterConfig, Tag("softmax_topk")], Annotated[SigmoidBiasRouterConfig, Tag("sigmoid_bias")]],
+    Union[
+        Annotated[SoftmaxTopKRouterConfig, Tag("softmax_topk")],
+        Annotated[SigmoidBiasRouterConfig, Tag("sigmoid_bias")],
+    ],
     Discriminator(
         _router_type,
         custom_error_type="router_type",
@@ -408,9 +416,14 @@ class TrainConfig(StrictModel):
         if (self.train_tokens is None) == (self.tpp is None):
             raise ValueError("give exactly one of train_tokens or tpp (the token budget)")
         if self.global_batch % self.micro_batch:
-            raise ValueError(f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})")
+            raise ValueError(
+                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
+            )
         if isinstance(self.warmup, float) and not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup: a float is a fraction of the run and must be in [0, 1) (got {self.warmup}); give steps as an integer")
+            raise ValueError(
+                f"warmup: a float is a fraction of the run and must be in [0, 1) (got {self.warmup}); "
+                "give steps as an integer"
+            )
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1) (got {list(self.betas)})")
         return self
@@ -431,7 +444,9 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
         return self
 
 
@@ -514,10 +529,13 @@ class GRPOConfig(StrictModel):
         if b["completions_per_rollout"] % b["micro_batch_size"]:
             raise ValueError(
                 f"micro_batch_size ({b['micro_batch_size']}) must divide the completions per rollout, "
-                f"prompts_per_rollout × num_generations = {b['prompts_per_rollout']} × {G} = {b['completions_per_rollout']}"
+                f"prompts_per_rollout × num_generations = {b['prompts_per_rollout']} × {G} = "
+                f"{b['completions_per_rollout']}"
             )
         if self.eval_temperature == 0.0 and self.eval_samples != 1:
-            raise ValueError(f"eval_samples ({self.eval_samples}) must be 1 with greedy evaluation (eval_temperature 0)")
+            raise ValueError(
+                f"eval_samples ({self.eval_samples}) must be 1 with greedy evaluation (eval_temperature 0)"
+            )
         return self
 
     def batching(self) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Checkpoint directories ↔ (ModelConfig, moelab state dict): the Hugging Face Mixtral format and moelab's own.
 
-A checkpoint is a directory with ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``
-with its shards). Two formats, told apart by ``config.json``'s ``model_type``:
+A checkpoint is a directory with ``config.json`` and ``model.safetensors`` (or a sharded
+``model.safetensors.index.json`` with its shards). Two formats, told apart by ``config.json``'s ``model_type``:
 
 * ``mixtral`` — ``MixtralForCausalLM``, the format of the paper's 65 released checkpoints and of transformers' own
   ``save_pretrained``: per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3`` tensors. We read that layout,
@@ -125,9 +125,10 @@ def _positive_int(hf: dict[str, Any], key: str, where: str, default: Any = None)
 
 def _finite(hf: dict[str, Any], key: str, where: str, default: float, positive: bool = True) -> float:
     v = hf.get(key, default)
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if positive else v >= 0)
-    if not ok:
-        raise CheckpointError(f"{where}: {key} must be a {'positive' if positive else 'non-negative'} finite number (got {v!r})")
+    number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not (number and (v > 0 if positive else v >= 0)):
+        kind = "positive" if positive else "non-negative"
+        raise CheckpointError(f"{where}: {key} must be a {kind} finite number (got {v!r})")
     return float(v)
 
 
@@ -169,7 +170,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json", **overrides: 
         d_model=d,
         n_layers=_positive_int(hf, "num_hidden_layers", where),
         n_heads=n_heads,
-        n_kv_heads=_positive_int(hf, "num_key_value_heads", where) if hf.get("num_key_value_heads") is not None else n_heads,
+        n_kv_heads=_positive_int(hf, "num_key_value_heads", where) if hf.get("num_key_value_heads") else n_heads,
         head_dim=None if head_dim in (None, d // n_heads) and d % n_heads == 0 else head_dim,
         ffn_hidden=_positive_int(hf, "intermediate_size", where),
         n_experts=_positive_int(hf, "num_local_experts", where),
@@ -274,7 +275,11 @@ _LAYER_MAP = {
     "attn.wo.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
-_TOP_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+_TOP_MAP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 
 
 def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -415,7 +420,8 @@ def write_checkpoint(
 
 def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
     """``{"bos_token_id": .., "eos_token_id": .., "pad_token_id": ..}`` for the special tokens a tokenizer directory
-    names (tokenizer_config.json, else special_tokens_map.json), looked up in its tokenizer.json; absent ones left out."""
+    names (tokenizer_config.json, else special_tokens_map.json), looked up in its tokenizer.json; absent ones left
+    out."""
     d = Path(tokenizer_dir)
     if not (d / "tokenizer.json").is_file():
         return {}
@@ -428,7 +434,8 @@ def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
         f = d / name
         if f.is_file():
             try:
-                names.update({k: v for k, v in json.loads(f.read_text()).items() if k in ("bos_token", "eos_token", "pad_token")})
+                specials = json.loads(f.read_text()).items()
+                names.update({k: v for k, v in specials if k in ("bos_token", "eos_token", "pad_token")})
             except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{f}: not a JSON object ({e})") from None
     vocab = Tokenizer.from_file(str(d / "tokenizer.json"))

@@ -175,7 +175,8 @@ def shared_prefix_attention(
     # Scores over the row's own keys: the new query j sits at own position t - T + j.
     s_own = (q_BKrTh.reshape(B, Kv, r * T, h) @ k_BKth.transpose(-1, -2)).view(B, Kv, r, T, t)
     if T > 1:
-        causal_Tt = torch.arange(t, device=q_BHTh.device)[None, :] <= torch.arange(t - T, t, device=q_BHTh.device)[:, None]
+        own_t, new_T = torch.arange(t, device=q_BHTh.device), torch.arange(t - T, t, device=q_BHTh.device)
+        causal_Tt = own_t[None, :] <= new_T[:, None]
         s_own = s_own.masked_fill(~causal_Tt, float("-inf"))
 
     p = torch.cat([s_pre, s_own], dim=-1).float().softmax(dim=-1).to(v_BKth.dtype)
@@ -320,7 +321,9 @@ class MoETransformer(nn.Module):
         start = cache.seq_len if cache is not None else 0
         shared = cache is not None and cache.prefix is not None
         if shared and attention_mask_BS is not None:
-            raise ValueError("with a shared-prefix cache the prefix padding mask lives in the cache; pass no attention_mask_BS")
+            raise ValueError(
+                "with a shared-prefix cache the prefix padding mask lives in the cache; pass no attention_mask_BS"
+            )
         if position_ids_BT is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -388,7 +391,9 @@ class MoETransformer(nn.Module):
         return hf.write_checkpoint(path, self.cfg, sd, dtype, format)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device=None, **overrides) -> "MoETransformer":
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device=None, **overrides
+    ) -> "MoETransformer":
         """Load a checkpoint directory: any Mixtral safetensors directory (ours, transformers', the paper's) or a
         moelab-native one. ``overrides`` change config fields that do not affect shapes (``moe_backend``, ...)."""
         path = Path(path)
@@ -403,7 +408,8 @@ class MoETransformer(nn.Module):
             if name not in expected:
                 raise CheckpointError(f"{path}: unexpected tensor {name!r} for this config")
             if tuple(t.shape) != tuple(expected[name].shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, config implies {tuple(expected[name].shape)}")
+                want = tuple(expected[name].shape)
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, config implies {want}")
         params = {n for n, _ in model.named_parameters()}
         model.load_state_dict({k: v.to(dtype) if k in params else v for k, v in sd.items()}, strict=True, assign=True)
         # Non-persistent buffers (RoPE tables) were created on the meta device: rebuild them for real.

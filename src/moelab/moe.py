@@ -315,4 +315,12 @@ def dense_swiglu_reference(x_TD: torch.Tensor, w_gate_up_2FD: torch.Tensor, w_do
     return F.linear(F.silu(gate) * up, w_down_DF)
 
 
-__all__ = ["Dispatched", "LocalDispatcher", "MoEFFN", "dense_swiglu_reference", "expert_matmul", "grouped_mm", "grouped_mm_supported"]
+__all__ = [
+    "Dispatched",
+    "LocalDispatcher",
+    "MoEFFN",
+    "dense_swiglu_reference",
+    "expert_matmul",
+    "grouped_mm",
+    "grouped_mm_supported",
+]

@@ -57,7 +57,8 @@ class Routing:
 
 def expert_counts(expert_S: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Copies per expert, [E] int64: a fixed-size integer scatter-add (no host sync, exact in any order)."""
-    return torch.zeros(n_experts, dtype=torch.long, device=expert_S.device).scatter_add_(0, expert_S, torch.ones_like(expert_S))
+    counts_E = torch.zeros(n_experts, dtype=torch.long, device=expert_S.device)
+    return counts_E.scatter_add_(0, expert_S, torch.ones_like(expert_S))
 
 
 def pooled_counts(counts_E: torch.Tensor, n_copies: int, group=None) -> tuple[torch.Tensor, torch.Tensor | int]:
