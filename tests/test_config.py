@@ -85,7 +85,8 @@ def test_the_numeric_field_scan_finds_the_fields_issue_13_names():
     found = {(cls.__name__, name) for cls, name, _ in NUMERIC}
     named = {("TrainConfig", "lr"), ("TrainConfig", "weight_decay"), ("TrainConfig", "train_tokens"),
              ("TrainConfig", "warmup"), ("TrainConfig", "betas"), ("ModelConfig", "rope_theta"),
-             ("SigmoidBiasRouterConfig", "bias_update_rate"), ("GRPOConfig", "learning_rate"), ("DataConfig", "val_fraction")}
+             ("SigmoidBiasRouterConfig", "bias_update_rate"), ("GRPOConfig", "learning_rate"),
+             ("DataConfig", "val_fraction")}
     assert named <= found
     assert len(NUMERIC) > 60
 
