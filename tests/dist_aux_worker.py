@@ -1,9 +1,10 @@
-"""Worker for tests/test_aux_loss.py, run under torchrun with 2 CPU ranks (gloo): one DDP step per setting.
+"""Worker for tests/test_aux_loss.py, run under torchrun with 2 CPU ranks (gloo): one data-parallel step per setting.
 
-For each aux_loss_scope (micro_batch, global_batch) and with/without activation checkpointing, every rank builds
-the same seeded model, wraps it in DDP as moelab.train does (``broadcast_buffers=False``), runs forward/backward
-of the full training loss on its half of one fixed batch, and saves its aux loss, z-loss, expert counts and the
-DDP-averaged gradients to ``OUT/{scope}_{ckpt}_rank{r}.pt`` for the test to compare with one process.
+For each aux_loss_scope (micro_batch, global_batch), with/without activation checkpointing and under DDP or FSDP2,
+every rank builds the same seeded model, wraps it as moelab.train does (DDP with ``broadcast_buffers=False``;
+``fully_shard`` per block and at the root), runs forward/backward of the full training loss on its half of one
+fixed batch, and saves its aux loss, z-loss, expert counts and the rank-averaged gradients to
+``OUT/{parallel}_{scope}_{ckpt}_rank{r}.pt`` for the test to compare with one process.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_aux_worker.py OUT
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moelab.model import MoETransformer
@@ -30,24 +32,26 @@ def main(out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     ids_BT, tgt_BT = batch()
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    for scope in ("micro_batch", "global_batch"):
-        for ckpt in (False, True):
-            torch.manual_seed(0)
-            model = MoETransformer(model_config(scope))
-            if ckpt:
-                apply_activation_checkpointing(model)
-            ddp = DDP(model, broadcast_buffers=False)
-            o = ddp(ids_BT[rows], tgt_BT[rows])
-            o.loss.backward()
-            torch.save(
-                {
-                    "aux": o.aux_loss.detach(),
-                    "z": o.z_loss.detach(),
-                    "counts": o.expert_counts_LE,
-                    "grads": {n: p.grad for n, p in model.named_parameters()},
-                },
-                out / f"{scope}_{int(ckpt)}_rank{rank}.pt",
-            )
+    settings = [("ddp", s, c) for s in ("micro_batch", "global_batch") for c in (False, True)]
+    settings += [("fsdp", "global_batch", c) for c in (False, True)]
+    for parallel, scope, ckpt in settings:
+        torch.manual_seed(0)
+        model = MoETransformer(model_config(scope))
+        if ckpt:
+            apply_activation_checkpointing(model)
+        if parallel == "ddp":
+            wrapped = DDP(model, broadcast_buffers=False)
+        else:
+            for block in model.blocks:
+                fully_shard(block)
+            wrapped = fully_shard(model)
+        o = wrapped(ids_BT[rows], tgt_BT[rows])
+        o.loss.backward()
+        grads = {n: getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for n, p in model.named_parameters()}
+        torch.save(
+            {"aux": o.aux_loss.detach(), "z": o.z_loss.detach(), "counts": o.expert_counts_LE, "grads": grads},
+            out / f"{parallel}_{scope}_{int(ckpt)}_rank{rank}.pt",
+        )
     dist.destroy_process_group()
 
 

@@ -10,9 +10,10 @@ What follows from that, and is tested:
 * gradient accumulation: each micro-batch's aux is its own E·Σ f·P (no state leaks between micro-batches), so the
   step's aux is the mean of the micro-batches' — not the aux of the whole batch — while z, a mean over tokens, is
   the whole batch's when micro-batches are equal in size;
-* DP ranks (2 gloo ranks under torchrun, real DDP): micro_batch — each rank's aux is that of its own tokens and the
-  averaged gradient the mean of the halves'; global_batch — the mean of the ranks' aux and the DDP-averaged gradient
-  equal one process on the whole batch, and with one process global_batch is micro_batch.
+* DP ranks (2 gloo ranks under torchrun; DDP, and FSDP2 for global_batch): micro_batch — each rank's aux is that
+  of its own tokens and the averaged gradient the mean of the halves'; global_batch — the mean of the ranks' aux
+  and the rank-averaged gradient equal one process on the whole batch, and with one process global_batch is
+  micro_batch.
 
 Why this holds on any x86-64 CPU: untrained seeded models (torch's CPU generator gives the same numbers
 everywhere); comparisons within 1e-6 (losses) and 1e-5 (gradients), far above rounding and far below any real
@@ -149,8 +150,8 @@ def two_ranks(tmp_path_factory) -> Path:
     return out
 
 
-def ranks(out: Path, scope: str, ckpt: bool) -> list[dict]:
-    return [torch.load(out / f"{scope}_{int(ckpt)}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+def ranks(out: Path, scope: str, ckpt: bool, parallel: str = "ddp") -> list[dict]:
+    return [torch.load(out / f"{parallel}_{scope}_{int(ckpt)}_rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
@@ -168,9 +169,10 @@ def test_two_dp_ranks_micro_batch_scope_balance_each_rank_alone(two_ranks, ckpt)
         assert torch.equal(got[0]["grads"][n], got[1]["grads"][n])  # DDP: every rank holds the same average
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_two_dp_ranks_global_batch_scope_equal_one_process_on_the_whole_batch(two_ranks, ckpt):
-    got = ranks(two_ranks, "global_batch", ckpt)
+def test_two_dp_ranks_global_batch_scope_equal_one_process_on_the_whole_batch(two_ranks, ckpt, parallel):
+    got = ranks(two_ranks, "global_batch", ckpt, parallel)
     whole = step(fresh("global_batch"), [slice(0, BATCH)])
     close((got[0]["aux"] + got[1]["aux"]) / 2, whole["aux"][0], 1e-6)
     close((got[0]["z"] + got[1]["z"]) / 2, whole["z"][0], 1e-6)
