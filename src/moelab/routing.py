@@ -120,7 +120,7 @@ class Router(nn.Module):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] in fp32, also under autocast (the routing decision and its softmax stay fp32, as
-        the paper's "bf16 with fp32 softmax" and Megatron-Core's fp32 router do)."""
+        the paper's "bf16 with fp32 softmax" asks; before, autocast ran this linear and the softmax in bf16)."""
         with torch.autocast(x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.weight.float())
 
