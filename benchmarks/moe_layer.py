@@ -30,10 +30,12 @@ import sys
 
 import torch
 
-from benchlib import available_memory, interleaved_times, loadavg, machine_info, print_json_line, resolve_clock, summary, tune_malloc
+from benchlib import (
+    available_memory, interleaved_times, loadavg, machine_info, print_json_line, resolve_clock, summary, tune_malloc,
+)
 
 from moelab.config import ModelConfig
-from moelab.model import MoEFFN
+from moelab.moe import MoEFFN
 
 OURS = ("grouped_mm", "loop")
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     info = machine_info(device)
     print(f"MoE layer fwd+bwd: {T} tokens, d={d}, F={f}, k={k}, {args.dtype} on {device} "
-          f"({info['cpu'] if device.type == 'cpu' else info.get('gpu')}, {torch.get_num_threads()} threads, {clock} clock, "
+          f"({info['cpu'] if device.type == 'cpu' else info.get('gpu')}, {torch.get_num_threads()} threads, "
+          f"{clock} clock, "
           f"malloc tuned {malloc_tuned}, "
           f"torch {info['torch']}, transformers {info['transformers']}), load avg {info.get('loadavg_1m')}")
 
@@ -211,14 +214,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  transformers:{impl} at E={E} skipped: {why}")
 
     E0 = args.experts[0]
-    scaling = {b: {E: res[(E, "moelab", b)]["median_ms"] / res[(E0, "moelab", b)]["median_ms"] for E in args.experts} for b in OURS}
+    def ms(E, b):
+        return res[(E, "moelab", b)]["median_ms"]
+
+    scaling = {b: {E: ms(E, b) / ms(E0, b) for E in args.experts} for b in OURS}
     hf_best, speedup, speedup_min = {}, {}, {}
     for E in args.experts:
         cands = [(res[(E, "transformers", i)]["median_ms"], i) for i in HF_IMPLS if (E, "transformers", i) in res]
         t_hf, impl = min(cands)
         hf_best[E] = {"impl": impl, "median_ms": t_hf}
         speedup[E] = t_hf / res[(E, "moelab", "grouped_mm")]["median_ms"]
-        speedup_min[E] = min(res[(E, "transformers", i)]["min_ms"] for _, i in cands) / res[(E, "moelab", "grouped_mm")]["min_ms"]
+        hf_min = min(res[(E, "transformers", i)]["min_ms"] for _, i in cands)
+        speedup_min[E] = hf_min / res[(E, "moelab", "grouped_mm")]["min_ms"]
     Emax = args.experts[-1]
     print(f"\nmoelab grouped_mm: time(E={Emax}) / time(E={E0}) = {scaling['grouped_mm'][Emax]:.2f}  (target ≤ 1.25)")
     print("moelab grouped_mm vs transformers' fastest: " + ", ".join(

@@ -1,6 +1,7 @@
 import pytest
 
-from moelab.accounting import active_params, human_count, paper_config, paper_grid, plan, total_params
+from moelab.accounting import active_params, human_count, plan, total_params
+from moelab.config import paper_config, paper_grid
 from moelab.model import MoETransformer
 
 from conftest import tiny_config
@@ -26,7 +27,8 @@ def test_paper_grid_is_65_models_with_constraints():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"n_kv_heads": 1}, {"n_experts": 1, "top_k": 1}, {"vocab_size": 97, "n_experts": 16, "top_k": 4}, {"head_dim": 8}],
+    [{}, {"n_kv_heads": 1}, {"n_experts": 1, "top_k": 1}, {"vocab_size": 97, "n_experts": 16, "top_k": 4},
+     {"head_dim": 8}],
 )
 def test_accounting_equals_instantiated_model(overrides):
     cfg = tiny_config(**overrides)
@@ -57,7 +59,9 @@ def test_plan_fields_and_budget():
 
 
 @pytest.mark.parametrize(
-    "n,s", [(320_160_256, "320M"), (169_165_312, "170M"), (999_600_000, "1.0B"), (1_234_000_000, "1.2B"), (52_000, "52K"), (12, "12")]
+    "n,s",
+    [(320_160_256, "320M"), (169_165_312, "170M"), (999_600_000, "1.0B"), (1_234_000_000, "1.2B"), (52_000, "52K"),
+     (12, "12")],
 )
 def test_human_count(n, s):
     assert human_count(n) == s

@@ -44,9 +44,9 @@ def test_plan_table_is_readable(capsys):
         ("plan --d-model 512 --heads 4 --ffn-hidden 1024 --experts 2 --top-k 4", "top_k (4) must be <= n_experts (2)"),
         ("plan --d-model 500 --heads 3 --ffn-hidden 1024 --experts 8 --top-k 2", "d_model (500) must be divisible by n_heads (3)"),
         ("plan --d-model 512 --heads 4 --kv-heads 3 --ffn-hidden 1024 --experts 8 --top-k 2", "n_kv_heads"),
-        ("plan --d-model 512 --heads 4 --ffn-hidden 0 --experts 8 --top-k 2", "ffn_hidden"),
+        ("plan --d-model 512 --heads 4 --ffn-hidden 0 --experts 8 --top-k 2", "--ffn-hidden"),
         ("plan --d-model 512 --heads 4 --experts 8 --top-k 2", "--ffn-hidden"),
-        ("plan --d-model 512 --heads 4 --ffn-hidden 1024 --experts 8 --top-k 2 --train-tokens -5", "train_tokens"),
+        ("plan --d-model 512 --heads 4 --ffn-hidden 1024 --experts 8 --top-k 2 --train-tokens -5", "--train-tokens"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, needle):

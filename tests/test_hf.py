@@ -1,4 +1,9 @@
-"""HF Mixtral interop: our model and transformers' MixtralForCausalLM compute the same logits, both directions."""
+"""HF Mixtral interop: our model and transformers' MixtralForCausalLM compute the same logits, both directions.
+
+Why these hold on any x86-64 CPU: untrained, seeded models; logits compared within 1e-5; before each comparison
+``assert_router_margin`` checks that no routing decision is within 1e-6 of a tie (tests/routerlib.py), so the
+two implementations' different rounding cannot send a token to different experts.
+"""
 
 import json
 
@@ -12,6 +17,7 @@ from moelab.hf import from_hf_config, to_hf_config
 from moelab.model import MoETransformer
 
 from conftest import tiny_config
+from routerlib import assert_router_margin
 
 CONFIGS = [
     dict(),  # GQA 4/2, E=8, k=2
@@ -34,6 +40,7 @@ def test_ours_to_transformers_logits_equal(tmp_path, overrides):
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(theirs, MixtralForCausalLM)
     ids = _rand_ids(cfg)
+    assert_router_margin(ours, ids)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
 
@@ -45,9 +52,11 @@ def test_transformers_to_ours_logits_equal(tmp_path, overrides):
     theirs = MixtralForCausalLM(hf_cfg).eval()  # transformers' own random init
     theirs.save_pretrained(tmp_path)
     ours = MoETransformer.from_pretrained(tmp_path).eval()
-    shape = lambda c: (c.d_model, c.n_layers, c.n_heads, c.kv_heads, c.head_size, c.ffn_hidden, c.n_experts, c.top_k, c.vocab_size, c.rope_theta, c.norm_eps)  # noqa: E731
-    assert shape(ours.cfg) == shape(cfg)
+    keys = ("d_model", "n_layers", "n_heads", "kv_heads", "head_size", "ffn_hidden", "n_experts", "top_k", "vocab_size",
+            "rope_theta", "norm_eps")
+    assert [getattr(ours.cfg, k) for k in keys] == [getattr(cfg, k) for k in keys]
     ids = _rand_ids(cfg)
+    assert_router_margin(ours, ids)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
 

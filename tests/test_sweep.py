@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moelab.accounting import paper_grid
+from moelab.config import paper_grid
 from moelab.cli import COMMANDS, main
 from moelab.config import RunConfig
 from moelab.errors import ConfigError, MoelabError

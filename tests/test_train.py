@@ -25,7 +25,8 @@ import yaml
 from safetensors.torch import load_file
 from trainkit import MODEL, STEPS, assert_same_weights, config, exact, make_corpus, weights
 
-from moelab.accounting import paper_config, total_params
+from moelab.accounting import total_params
+from moelab.config import paper_config
 from moelab.cli import main
 from moelab.config import ModelConfig, RunConfig, TrainConfig
 from moelab.errors import CheckpointError, ConfigError

@@ -1,4 +1,4 @@
-"""Exact parameter, FLOP, sparsity and tokens-per-parameter accounting (PAPER.md "Accounting").
+"""Exact parameter, FLOP, sparsity, tokens-per-parameter and memory accounting (docs/paper.md §Accounting).
 
     total  = L·(attn + E·3·d·F + d·E + 2d) + 2·V·d + d
     active = the same with k in place of E in the expert term
@@ -7,20 +7,27 @@ attn = d·(H·h) + 2·d·(H_kv·h) + (H·h)·d, which is the paper's 4d² when H
 both embedding matrices count as active. These numbers equal ``sum(p.numel())`` of :class:`moelab.model.MoETransformer`
 exactly (tested), and reproduce the released checkpoint names (e.g. d=512, E=8, k=2 → 320M-A170M).
 
-FLOPs per token (training, forward + backward) are reported two ways, as PAPER.md asks:
+FLOPs per token (training, forward + backward) are reported two ways, as the paper asks (docs/paper.md §Accounting):
   * ``6·N_active`` (the usual dense-equivalent rule, with N_active as the paper defines it), and
   * the attention score/value term ``12·L·(H·h)·seq`` (QKᵀ and AV, forward + backward), not halved for the
     causal mask; ``attn_flops_per_token_causal`` gives the halved value.
 ``flops_per_token = 6·N_active + attention term``; ``train_flops = flops_per_token · train_tokens``.
+
+Every function takes any object with ModelConfig's fields (``d_model``, ``n_heads``, ``kv_heads``, …): this module
+is arithmetic and imports only :mod:`moelab.errors` at run time, so :mod:`moelab.config` can import it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator
 
-from .config import ModelConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
 def attention_params(cfg: ModelConfig) -> int:
@@ -104,15 +111,20 @@ class Plan:
         return asdict(self)
 
 
-def plan(cfg: ModelConfig, train_tokens: float | None = None, tpp: float | None = None, seq_len: int | None = None) -> Plan:
+def plan(
+    cfg: ModelConfig, train_tokens: float | None = None, tpp: float | None = None, seq_len: int | None = None
+) -> Plan:
     """Resolve a token budget (tokens, or TPP × total params) and report the accounting for ``cfg``."""
     if (train_tokens is None) == (tpp is None):
         raise ValueError("give exactly one of train_tokens or tpp")
+    for name, v in (("train_tokens", train_tokens), ("tpp", tpp)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive finite number (got {v})")
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1 (got {seq_len})")
     total, active = total_params(cfg), active_params(cfg)
     if train_tokens is None:
         train_tokens = float(tpp) * total
-    if train_tokens <= 0:
-        raise ValueError(f"train_tokens must be positive (got {train_tokens})")
     seq = seq_len if seq_len is not None else cfg.max_seq_len
     attn = attn_flops_per_token(cfg, seq)
     fpt = 6 * active + attn
@@ -142,7 +154,7 @@ def plan(cfg: ModelConfig, train_tokens: float | None = None, tpp: float | None 
     )
 
 
-# The paper's grid (PAPER.md "Model"): 65 models.
+# The paper's grid (docs/paper.md §Model): 65 models. ``moelab.config.paper_config`` / ``paper_grid`` build them.
 PAPER_WIDTHS = (512, 1024, 2048)
 PAPER_EXPERTS = (8, 16, 32, 64, 128, 256)
 PAPER_TOP_K = (2, 4, 8, 16)
@@ -151,28 +163,95 @@ PAPER_TRAIN_TOKENS = 125e9
 PAPER_SEQ_LEN = 4096
 
 
-def paper_config(d_model: int, n_experts: int, top_k: int, n_layers: int = 16) -> ModelConfig:
-    """One of the paper's models: head dim 128, FFN = 2d, full MHA, 16 layers."""
-    return ModelConfig(
-        vocab_size=PAPER_VOCAB,
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=d_model // 128,
-        ffn_hidden=2 * d_model,
-        n_experts=n_experts,
-        top_k=top_k,
-        max_seq_len=PAPER_SEQ_LEN,
-    )
-
-
-def paper_grid() -> list[ModelConfig]:
-    """The 65 (d, E, k) configurations: k ≤ E, and E ≤ 128 at d=2048."""
-    out = []
+def paper_grid_points() -> Iterator[tuple[int, int, int]]:
+    """The 65 (d, E, k) of the paper: k ≤ E, and E ≤ 128 at d=2048."""
     for d in PAPER_WIDTHS:
         for e in PAPER_EXPERTS:
             if d == 2048 and e > 128:
                 continue
             for k in PAPER_TOP_K:
                 if k <= e:
-                    out.append(paper_config(d, e, k))
-    return out
+                    yield d, e, k
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: what holding a model costs, before anything is allocated
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of parameter state for one model held whole in one process (no sharding, no activations).
+
+    weights: every parameter in its storage dtype; grads: one gradient per parameter; optimizer: AdamW's two fp32
+    moments (exp_avg, exp_avg_sq). Activations depend on batch, sequence and checkpointing and are not included,
+    so this is a lower bound on what training needs (the layout planner of issue 18 adds them).
+    """
+
+    params: int
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes
+
+    def describe(self) -> str:
+        """E.g. ``12.3 GB (weights 2.05 GB + grads 2.05 GB + Adam 4.1 GB; 512M parameters)``."""
+        parts = [f"weights {_gb(self.weights_bytes)}"]
+        if self.grads_bytes:
+            parts.append(f"grads {_gb(self.grads_bytes)}")
+        if self.optimizer_bytes:
+            parts.append(f"Adam {_gb(self.optimizer_bytes)}")
+        return f"{_gb(self.total_bytes)} ({' + '.join(parts)}; {human_count(self.params)} parameters)"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def memory_estimate(cfg: "ModelConfig", *, weight_bytes: int = 4, training: bool = True) -> MemoryEstimate:
+    """Parameter memory of ``cfg``: weights at ``weight_bytes`` per parameter (4 = fp32, moelab's master weights),
+    plus, when ``training``, as many bytes again for gradients and 8 per parameter for AdamW's moments."""
+    n = total_params(cfg)
+    grads = n * weight_bytes if training else 0
+    adam = n * 8 if training else 0
+    return MemoryEstimate(n, n * weight_bytes, grads, adam)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS could give this process now (``MemAvailable`` of /proc/meminfo); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_memory(
+    cfg: "ModelConfig", available_bytes: int | None = None, *, training: bool = True, weight_bytes: int = 4,
+    where: str = "model",
+) -> MemoryEstimate:
+    """Refuse (a one-line ConfigError) a model whose parameter state alone exceeds ``available_bytes`` (default:
+    :func:`available_memory_bytes`), before anything is allocated; return the estimate otherwise.
+
+    Call it before creating run directories or building the model; for a GPU pass the device's free bytes
+    (``torch.cuda.mem_get_info()[0]``). A None budget (unknown) accepts.
+    """
+    est = memory_estimate(cfg, weight_bytes=weight_bytes, training=training)
+    budget = available_memory_bytes() if available_bytes is None else available_bytes
+    if budget is not None and est.total_bytes > budget:
+        what = "training it" if training else "its weights"
+        raise ConfigError(
+            f"{where}: {getattr(cfg, 'name', 'this model')} is too large: {what} would need at least "
+            f"{est.describe()}, more than the {_gb(budget)} of memory available"
+        )
+    return est
+

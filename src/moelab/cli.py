@@ -29,7 +29,8 @@ def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser],
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="a sweep spec YAML (or preset name: demo, paper): show its resolved runs")
-    p.add_argument("--flops-per-second", type=float, help="with SPEC: assumed sustained FLOP/s per run for the time column")
+    p.add_argument("--flops-per-second", type=float,
+                   help="with SPEC: assumed sustained FLOP/s per run for the time column")
     p.add_argument("--preset", choices=["paper"], help="a named grid: 'paper' = the paper's 65 models")
     p.add_argument("--d-model", type=int)
     p.add_argument("--layers", type=int, default=16)
@@ -46,10 +47,25 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
-def _run_plan(a: argparse.Namespace) -> int:
-    from .accounting import PAPER_TRAIN_TOKENS, paper_grid, plan
-    from .config import ModelConfig
+def _check_plan_flags(a: argparse.Namespace) -> None:
+    """Every numeric flag of ``plan`` in range before any accounting (nan, inf, 0 and negatives are refused)."""
+    import math
 
+    for flag in ("d_model", "layers", "heads", "kv_heads", "ffn_hidden", "experts", "top_k", "vocab_size", "seq_len"):
+        v = getattr(a, flag)
+        if v is not None and v < 1:
+            raise MoelabError(f"plan: --{flag.replace('_', '-')} must be a positive integer (got {v})")
+    for flag in ("train_tokens", "tpp", "flops_per_second"):
+        v = getattr(a, flag)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise MoelabError(f"plan: --{flag.replace('_', '-')} must be a positive finite number (got {v})")
+
+
+def _run_plan(a: argparse.Namespace) -> int:
+    from .accounting import PAPER_TRAIN_TOKENS, plan
+    from .config import ModelConfig, paper_grid
+
+    _check_plan_flags(a)
     if a.spec is not None:
         from .sweep import plan_cli
 
@@ -61,22 +77,14 @@ def _run_plan(a: argparse.Namespace) -> int:
     else:
         missing = [f for f in ("d_model", "heads", "ffn_hidden", "experts", "top_k") if getattr(a, f) is None]
         if missing:
-            raise MoelabError(f"plan: give --preset or all of --d-model --heads --ffn-hidden --experts --top-k (missing --{missing[0].replace('_', '-')})")
-        configs = [
-            ModelConfig.parse(
-                dict(
-                    d_model=a.d_model,
-                    n_layers=a.layers,
-                    n_heads=a.heads,
-                    n_kv_heads=a.kv_heads,
-                    ffn_hidden=a.ffn_hidden,
-                    n_experts=a.experts,
-                    top_k=a.top_k,
-                    vocab_size=a.vocab_size,
-                    max_seq_len=max(a.seq_len, 1),
-                )
+            raise MoelabError(
+                "plan: give --preset or all of --d-model --heads --ffn-hidden --experts --top-k "
+                f"(missing --{missing[0].replace('_', '-')})"
             )
-        ]
+        fields = dict(d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads,
+                      ffn_hidden=a.ffn_hidden, n_experts=a.experts, top_k=a.top_k, vocab_size=a.vocab_size,
+                      max_seq_len=a.seq_len)
+        configs = [ModelConfig.parse(fields, where="plan")]
     tokens = a.train_tokens if a.train_tokens is not None else (None if a.tpp is not None else PAPER_TRAIN_TOKENS)
     plans = []
     for c in configs:
@@ -92,7 +100,8 @@ def _run_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-register("plan", "show parameter / FLOP / sparsity / TPP accounting for one config or a preset grid", _plan_args, _run_plan)
+register("plan", "show parameter / FLOP / sparsity / TPP accounting for one config or a preset grid", _plan_args,
+         _run_plan)
 
 
 def print_plan_table(rows: list[dict]) -> None:
@@ -100,7 +109,8 @@ def print_plan_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title=f"{len(rows)} configuration(s)")
-    for col in ("name", "d", "L", "E", "k", "sparsity", "total", "active", "tokens", "TPP", "FLOPs/token", "train FLOPs"):
+    cols = ("name", "d", "L", "E", "k", "sparsity", "total", "active", "tokens", "TPP", "FLOPs/token", "train FLOPs")
+    for col in cols:
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(

@@ -1,28 +1,35 @@
-"""Configuration dataclasses (pydantic, strict: unknown keys and wrong types are errors).
+"""Configuration dataclasses (pydantic, strict: unknown keys, wrong types and non-finite numbers are errors).
 
 Every config reports what it implies (OLMo-core style): ``ModelConfig.num_params`` and
-``ModelConfig.num_active_params`` come from :mod:`moelab.accounting`, which follows PAPER.md "Accounting".
+``ModelConfig.num_active_params`` come from :mod:`moelab.accounting`, which follows docs/paper.md §Accounting.
 Validation errors are turned into one-line :class:`~moelab.errors.ConfigError` messages naming the field.
+
+Import direction: config → accounting (accounting is pure arithmetic over a config's fields and never imports
+this module), config → errors.
 """
 
 from __future__ import annotations
 
+import string as _string
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError, model_validator
-from pydantic import NonNegativeFloat
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from pydantic import PositiveInt, Tag, ValidationError, field_validator, model_validator
 
+from . import accounting
 from .errors import ConfigError
 
 T = TypeVar("T", bound="StrictModel")
 
 
 class StrictModel(BaseModel):
-    """Base for all configs: unknown keys are errors, assignments are re-validated."""
+    """Base for all configs: unknown keys are errors, assignments are re-validated, and every float anywhere in a
+    config (a field, a tuple item, a union member) must be finite — ``lr=inf`` or ``train_tokens=nan`` would
+    otherwise validate and surface only as NaN weights after the first step (pydantic's ``allow_inf_nan=False``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     @classmethod
     def parse(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -37,19 +44,43 @@ class StrictModel(BaseModel):
         return type(self).parse({**self.model_dump(), **changes})
 
 
+# Labels pydantic puts into an error's location for the member of a union that failed (``warmup.constrained-int``,
+# ``router.sigmoid_bias.bias_update_rate``): not field names, so they are left out of the message.
+_UNION_LABELS = {"int", "float", "str", "bool", "none", "list", "tuple", "dict"}
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    def is_label(p: Any) -> bool:
+        return isinstance(p, str) and (p in _UNION_LABELS or p in ROUTER_TYPES or "-" in p or "[" in p)
+
+    return ".".join(str(p) for p in loc if not is_label(p))
+
+
 def format_validation_error(e: ValidationError, where: str = "") -> str:
-    """One line: ``[where: ]field.path: message (got value)`` for the first error, plus a count of others."""
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    """One line: ``[where: ]field.path: message (got value)`` for the first error, plus a count of others.
+
+    Errors from the members of one union about the same field count once, and "must be finite" wins over its
+    siblings (``warmup=nan`` fails as an int and as a float; the float's reason is the one to show)."""
+    by_path: dict[str, list[dict[str, Any]]] = {}
+    for err in e.errors():
+        by_path.setdefault(_field_path(err["loc"]), []).append(err)
+    errors = []
+    for errs in by_path.values():
+        finite = [err for err in errs if err["type"] == "finite_number"]
+        errors.append((finite or errs)[0])
+    err = errors[0]
+    loc = _field_path(err["loc"])
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    got = ""
-    if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], dict):
-        got = f" (got {err['input']!r})"
-    more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
+    got, value = "", err.get("input")
+    if err["type"] == "router_type" and isinstance(value, dict):
+        got = f" (got type {value.get('type')!r})"
+    elif err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(value, dict):
+        got = f" (got {value!r})"
+    more = f" [+{len(errors) - 1} more]" if len(errors) > 1 else ""
     prefix = f"{where}: " if where else ""
     field = f"{loc}: " if loc else ""  # model-level checks name their fields in the message
     return f"{prefix}{field}{msg}{got}{more}"
@@ -73,8 +104,72 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# --- routing ---
+# Router components (moelab.routing): one config class per router, chosen by ``type``.
+
+
+class SoftmaxTopKRouterConfig(StrictModel):
+    """The paper's (and Mixtral's) router, docs/paper.md §Model: a softmax over all E scores (fp32), the top k
+    kept and renormalised over those k. The only router transformers' Mixtral can run (HF export, GRPO, lm-eval
+    ``hf``)."""
+
+    type: Literal["softmax_topk"] = "softmax_topk"
+
+
+class SigmoidBiasRouterConfig(StrictModel):
+    """DeepSeek-V3 routing with auxiliary-loss-free balancing (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report"
+    §2.1.2; Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts").
+
+    Scores s = sigmoid(u·e); the top k are chosen on s + b, with b a per-expert bias that is not trained but nudged
+    after every optimizer step by ``bias_update_rate`` (γ) towards balance: b_e += γ·sign(mean load − load_e);
+    the gate weights are the chosen s (renormalised over the k when ``normalize_weights``), never s + b. Dropless.
+    Set ``aux_loss_coef: 0`` on the model for the loss-free method proper (DeepSeek-V3 keeps a tiny balance loss,
+    α = 1e-4). A moelab-native checkpoint format: transformers' Mixtral cannot represent the bias.
+    """
+
+    type: Literal["sigmoid_bias"] = "sigmoid_bias"
+    bias_update_rate: NonNegativeFloat = 1e-3  # γ ("bias update speed"); DeepSeek-V3 and Wang et al. use 1e-3
+    # Renormalise the k chosen scores to sum to 1 (DeepSeek-V3). With top_k = 1 that makes every gate 1 and leaves the
+    # router without a gradient from the LM loss; set false there to gate by the raw score.
+    normalize_weights: bool = True
+
+
+ROUTER_CONFIGS: dict[str, type[StrictModel]] = {
+    "softmax_topk": SoftmaxTopKRouterConfig,
+    "sigmoid_bias": SigmoidBiasRouterConfig,
+}
+ROUTER_TYPES = frozenset(ROUTER_CONFIGS)
+
+
+def _router_type(v: Any) -> str | None:
+    """The discriminator: ``type`` of a mapping (absent: the default router) or of a config object."""
+    if isinstance(v, dict):
+        return v.get("type", "softmax_topk")
+    return getattr(v, "type", None)
+
+
+RouterConfig = Annotated[
+    Union[
+        Annotated[SoftmaxTopKRouterConfig, Tag("softmax_topk")],
+        Annotated[SigmoidBiasRouterConfig, Tag("sigmoid_bias")],
+    ],
+    Discriminator(
+        _router_type,
+        custom_error_type="router_type",
+        custom_error_message="expected a mapping whose type is one of 'softmax_topk', 'sigmoid_bias'",
+    ),
+]
+
+
+# --- model ---
+
+
 class ModelConfig(StrictModel):
-    """A Mixtral-style MoE decoder (PAPER.md "Model"). Defaults are the paper's d=512, E=8, k=2 model."""
+    """A Mixtral-style MoE decoder (docs/paper.md §Model). Defaults are the paper's d=512, E=8, k=2 model.
+
+    ``n_experts`` and ``top_k`` stay here (not in ``router``) because every router is token-choice top-k over E
+    experts, and sweeps set them directly. ``router`` picks how the k experts and their weights are chosen.
+    """
 
     vocab_size: PositiveInt = 99_584
     d_model: PositiveInt = 512
@@ -85,11 +180,16 @@ class ModelConfig(StrictModel):
     ffn_hidden: PositiveInt = 1024  # expert SwiGLU hidden size F (paper: F = 2d)
     n_experts: PositiveInt = 8  # E
     top_k: PositiveInt = 2  # k, experts active per token
+    router: RouterConfig = Field(default_factory=SoftmaxTopKRouterConfig)
     max_seq_len: PositiveInt = 4096
     rope_theta: PositiveFloat = 10_000.0
     norm_eps: PositiveFloat = 1e-5
     init_std: PositiveFloat = 0.02
     aux_loss_coef: NonNegativeFloat = 1e-2  # Switch load-balancing loss, per layer (paper 1e-2)
+    # Where f_e (the fraction of token copies sent to expert e) of the balance loss is counted: "micro_batch" is the
+    # paper's (Megatron-Core's) per-micro-batch loss; "global_batch" sums the counts over all data-parallel ranks
+    # first (Qiu et al. 2025, "Demons in the Detail"); see moelab.routing.switch_balance_loss.
+    aux_loss_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
     z_loss_coef: NonNegativeFloat = 1e-3  # router z-loss, per layer (paper 1e-3)
     moe_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
 
@@ -117,38 +217,48 @@ class ModelConfig(StrictModel):
 
     @property
     def sparsity(self) -> float:
-        """Expert sparsity 1 - k/E (PAPER.md "Accounting")."""
+        """Expert sparsity 1 - k/E (docs/paper.md §Accounting)."""
         return 1.0 - self.top_k / self.n_experts
 
     @property
     def num_params(self) -> int:
-        from .accounting import total_params
-
-        return total_params(self)
+        return accounting.total_params(self)
 
     @property
     def num_active_params(self) -> int:
-        from .accounting import active_params
-
-        return active_params(self)
+        return accounting.active_params(self)
 
     @property
     def name(self) -> str:
         """Name in the style of the released checkpoints, e.g. ``d512-E8-k2-320M-A170M``."""
-        from .accounting import human_count
-
         return (
             f"d{self.d_model}-E{self.n_experts}-k{self.top_k}-"
-            f"{human_count(self.num_params)}-A{human_count(self.num_active_params)}"
+            f"{accounting.human_count(self.num_params)}-A{accounting.human_count(self.num_active_params)}"
         )
+
+
+def paper_config(d_model: int, n_experts: int, top_k: int, n_layers: int = 16) -> ModelConfig:
+    """One of the paper's models (docs/paper.md §Model): head dim 128, FFN = 2d, full MHA, 16 layers."""
+    return ModelConfig(
+        vocab_size=accounting.PAPER_VOCAB,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=d_model // 128,
+        ffn_hidden=2 * d_model,
+        n_experts=n_experts,
+        top_k=top_k,
+        max_seq_len=accounting.PAPER_SEQ_LEN,
+    )
+
+
+def paper_grid() -> list[ModelConfig]:
+    """The 65 (d, E, k) configurations: k ≤ E, and E ≤ 128 at d=2048."""
+    return [paper_config(d, e, k) for d, e, k in accounting.paper_grid_points()]
 
 
 # --- data ---
 # Data sources, tokenizer and synthetic-corpus settings; consumed by moelab.data and moelab.synthetic.
 
-import string as _string  # noqa: E402
-
-from pydantic import Field, NonNegativeInt, field_validator  # noqa: E402
 
 
 def _check_template(template: str | None) -> str | None:
@@ -214,7 +324,7 @@ class TokenizerConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """The pre-training mixture: sources, tokenizer, held-out split and shard cache (PAPER.md "Training")."""
+    """The pre-training mixture: sources, tokenizer, held-out split and shard cache (docs/paper.md §Training)."""
 
     sources: list[SourceConfig] = Field(min_length=1)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -265,11 +375,9 @@ class SyntheticConfig(StrictModel):
 # --- training ---
 # One pre-training run (moelab.train): model + data + optimizer/schedule/budget/checkpointing, as one YAML file.
 
-from pydantic import Field as _TField, NonNegativeInt as _TNonNegativeInt  # noqa: E402
-
 
 class TrainConfig(StrictModel):
-    """Optimizer, schedule, budget and bookkeeping of a pre-training run (PAPER.md "Training").
+    """Optimizer, schedule, budget and bookkeeping of a pre-training run (docs/paper.md §Training).
 
     Defaults are the paper's: AdamW β=(0.9, 0.95), eps 1e-8, weight decay 0.1, clip 1.0, peak LR 4e-4 with 2,000
     linear warmup steps and cosine decay to 10 % of peak, sequence 4096, global batch 1024. The budget is either
@@ -282,8 +390,8 @@ class TrainConfig(StrictModel):
     train_tokens: PositiveFloat | None = None  # budget in tokens ...
     tpp: PositiveFloat | None = None  # ... or in tokens per total parameter (exactly one of the two)
     lr: PositiveFloat = 4e-4  # peak learning rate
-    min_lr_ratio: float = _TField(0.1, ge=0.0, le=1.0)  # cosine floor as a fraction of the peak
-    warmup: _TNonNegativeInt | float = 2000  # an int: warmup steps; a float in [0, 1): fraction of all steps
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine floor as a fraction of the peak
+    warmup: NonNegativeInt | float = 2000  # an int: warmup steps; a float in [0, 1): fraction of all steps
     weight_decay: NonNegativeFloat = 0.1
     decay_norms: bool = False  # apply weight decay to RMSNorm gains (Megatron-LM: no)
     decay_embeddings: bool = True  # apply weight decay to the input embedding and LM head (Megatron-LM: yes)
@@ -291,12 +399,12 @@ class TrainConfig(StrictModel):
     eps: PositiveFloat = 1e-8
     grad_clip: NonNegativeFloat = 1.0  # max global gradient L2 norm; 0 disables clipping (the norm is still logged)
     log_every: PositiveInt = 10  # steps between metrics lines (the last step is always logged)
-    eval_every: _TNonNegativeInt = 1000  # steps between validation passes; 0: only at the end
+    eval_every: NonNegativeInt = 1000  # steps between validation passes; 0: only at the end
     eval_batches: PositiveInt = 4  # validation set = eval_batches × global_batch fixed held-out windows
     eval_per_source: bool = True  # also log val_loss/<source> when the mixture has several sources
-    ckpt_every: _TNonNegativeInt = 1000  # steps between checkpoints; 0: only at the end (and on a clean stop)
-    keep_last: _TNonNegativeInt = 3  # checkpoints kept on disk; 0 keeps all
-    seed: _TNonNegativeInt = 0  # model initialisation and torch/numpy/python RNGs (data order: data.seed)
+    ckpt_every: NonNegativeInt = 1000  # steps between checkpoints; 0: only at the end (and on a clean stop)
+    keep_last: NonNegativeInt = 3  # checkpoints kept on disk; 0 keeps all
+    seed: NonNegativeInt = 0  # model initialisation and torch/numpy/python RNGs (data order: data.seed)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile each decoder block
@@ -308,9 +416,14 @@ class TrainConfig(StrictModel):
         if (self.train_tokens is None) == (self.tpp is None):
             raise ValueError("give exactly one of train_tokens or tpp (the token budget)")
         if self.global_batch % self.micro_batch:
-            raise ValueError(f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})")
+            raise ValueError(
+                f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})"
+            )
         if isinstance(self.warmup, float) and not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup: a float is a fraction of the run and must be in [0, 1) (got {self.warmup}); give steps as an integer")
+            raise ValueError(
+                f"warmup: a float is a fraction of the run and must be in [0, 1) (got {self.warmup}); "
+                "give steps as an integer"
+            )
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be in [0, 1) (got {list(self.betas)})")
         return self
@@ -331,12 +444,14 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
         return self
 
 
 # --- grpo ---
-# GRPO post-training (moelab.rl, `moelab grpo`); defaults are the paper's (PAPER.md "Evaluation": GRPO).
+# GRPO post-training (moelab.rl, `moelab grpo`); defaults are the paper's (docs/paper.md §GRPO).
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -414,10 +529,13 @@ class GRPOConfig(StrictModel):
         if b["completions_per_rollout"] % b["micro_batch_size"]:
             raise ValueError(
                 f"micro_batch_size ({b['micro_batch_size']}) must divide the completions per rollout, "
-                f"prompts_per_rollout × num_generations = {b['prompts_per_rollout']} × {G} = {b['completions_per_rollout']}"
+                f"prompts_per_rollout × num_generations = {b['prompts_per_rollout']} × {G} = "
+                f"{b['completions_per_rollout']}"
             )
         if self.eval_temperature == 0.0 and self.eval_samples != 1:
-            raise ValueError(f"eval_samples ({self.eval_samples}) must be 1 with greedy evaluation (eval_temperature 0)")
+            raise ValueError(
+                f"eval_samples ({self.eval_samples}) must be 1 with greedy evaluation (eval_temperature 0)"
+            )
         return self
 
     def batching(self) -> dict[str, int]:

@@ -221,7 +221,8 @@ def generate(
         pos_B = pos_B + 1
         if mask_BS is not None:
             mask_BS = torch.cat([mask_BS, mask_BS.new_ones(len(rows), 1)], dim=1)
-        logits_BV = model(next_B[:, None], position_ids_BT=pos_B[:, None], attention_mask_BS=mask_BS, cache=cache).logits[:, -1]
+        step_out = model(next_B[:, None], position_ids_BT=pos_B[:, None], attention_mask_BS=mask_BS, cache=cache)
+        logits_BV = step_out.logits[:, -1]
     return out
 
 

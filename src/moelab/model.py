@@ -1,21 +1,18 @@
-"""A Mixtral-style MoE decoder in one readable file (PAPER.md "Model").
+"""A Mixtral-style MoE decoder, read top to bottom (docs/paper.md §Model).
 
     tokens → embedding → L × [RMSNorm → causal self-attention (RoPE, GQA, SDPA) → +
-                              RMSNorm → MoE FFN (token-choice top-k, dropless, SwiGLU experts) → +]
+                              RMSNorm → MoE FFN (router → dispatch → SwiGLU experts → combine) → +]
            → RMSNorm → untied LM head
 
-The MoE FFN follows the torchtitan recipe: router (fp32 logits) → softmax → top-k, renormalised over the chosen k
-as Mixtral does → sort the token copies by expert → one grouped matmul over 3-D expert weights → weighted combine
-(back to token order with ``index_copy_``, then one batched matmul). There is no capacity factor (nothing is
-dropped), no one-hot [T, E, C] dispatch tensor and no ModuleList of experts. Two backends compute the same
-function: ``grouped_mm`` (``torch._grouped_mm``) and ``loop`` (one matmul per expert over its sorted slice, the
-reference).
+The MoE FFN lives in :mod:`moelab.moe` (dispatch, grouped matmul, combine) and its routers in
+:mod:`moelab.routing` (the paper's softmax top-k by default, ``ModelConfig.router``). Checkpoint directories are
+read and written by :mod:`moelab.hf` (Mixtral format when transformers can run the model, moelab-native otherwise).
 
-Shape suffixes: B batch, T time (query positions), S key positions or token-expert copies, D model width,
-H heads, K kv heads or top-k (by context), h head dim, E experts, F expert hidden size, L layers, V vocabulary.
+Shape suffixes: B batch, T time (query positions), S key positions, D model width, H heads, K kv heads, h head
+dim, E experts, L layers, V vocabulary.
 
 The auxiliary losses are returned explicitly (OLMo-core style), never stored in globals: ``aux_loss`` is the
-Switch load-balancing loss E·Σ_e f_e·P_e (f_e: fraction of the T·k token copies sent to expert e, P_e: mean router
+Switch load-balancing loss E·Σ_e f_e·P_e (f_e: fraction of the token copies sent to expert e, P_e: mean router
 probability; 1.0 at perfect balance, as in Megatron-LM which the paper used) and ``z_loss`` is mean(logsumexp²) of
 the router logits; both are means over layers. Each layer adds coef × its own loss to the objective (Megatron's
 convention), so ``loss = lm_loss + L·(aux_coef·aux_loss + z_coef·z_loss)``.
@@ -30,7 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import hf
+from .accounting import check_memory
 from .config import ModelConfig
+from .errors import CheckpointError
+from .moe import MoEFFN, dense_swiglu_reference
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,7 +175,8 @@ def shared_prefix_attention(
     # Scores over the row's own keys: the new query j sits at own position t - T + j.
     s_own = (q_BKrTh.reshape(B, Kv, r * T, h) @ k_BKth.transpose(-1, -2)).view(B, Kv, r, T, t)
     if T > 1:
-        causal_Tt = torch.arange(t, device=q_BHTh.device)[None, :] <= torch.arange(t - T, t, device=q_BHTh.device)[:, None]
+        own_t, new_T = torch.arange(t, device=q_BHTh.device), torch.arange(t - T, t, device=q_BHTh.device)
+        causal_Tt = own_t[None, :] <= new_T[:, None]
         s_own = s_own.masked_fill(~causal_Tt, float("-inf"))
 
     p = torch.cat([s_pre, s_own], dim=-1).float().softmax(dim=-1).to(v_BKth.dtype)
@@ -226,233 +228,8 @@ class Attention(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Mixture of experts
+# Decoder block
 # --------------------------------------------------------------------------------------------------------------
-
-
-def grouped_mm_supported(device: torch.device) -> bool:
-    """``torch._grouped_mm`` runs on CPU (any float dtype) and on CUDA GPUs of compute capability ≥ 9.0."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 9
-    return False
-
-
-@torch.library.custom_op("moelab::grouped_mm", mutates_args=())
-def grouped_mm(x_SI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """y[s] = x[s] @ w[e]ᵀ for the rows of group e (rows sorted by group, ``offs_E`` int32 end offsets).
-
-    ``torch._grouped_mm`` wrapped as an opaque op with its own shape function and backward: torch's own shape
-    function for it accepts bf16 only, so without the wrapper ``torch.compile`` breaks the graph on fp32 models.
-    """
-    return torch._grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offs_E)
-
-
-@grouped_mm.register_fake
-def _(x_SI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return x_SI.new_empty(x_SI.shape[0], w_EOI.shape[1])
-
-
-@torch.library.custom_op("moelab::grouped_mm_backward", mutates_args=())
-def _grouped_mm_backward(
-    g_SO: torch.Tensor, x_SI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dx = g @ w[e] per group; dw[e] = g_eᵀ @ x_e (a group with no rows gets a zero gradient)."""
-    g_SO = g_SO.contiguous()
-    return torch._grouped_mm(g_SO, w_EOI, offs=offs_E), torch._grouped_mm(g_SO.t(), x_SI, offs=offs_E)
-
-
-@_grouped_mm_backward.register_fake
-def _(g_SO, x_SI, w_EOI, offs_E):
-    return torch.empty_like(x_SI), torch.empty_like(w_EOI)
-
-
-def _grouped_mm_setup_context(ctx, inputs, output) -> None:
-    x_SI, w_EOI, offs_E = inputs
-    ctx.save_for_backward(x_SI, w_EOI, offs_E)
-
-
-def _grouped_mm_grad(ctx, g_SO):
-    x_SI, w_EOI, offs_E = ctx.saved_tensors
-    dx_SI, dw_EOI = _grouped_mm_backward(g_SO, x_SI, w_EOI, offs_E)
-    return dx_SI, dw_EOI, None
-
-
-grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup_context)
-
-
-def expert_matmul(
-    x_SI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor | None, backend: str
-) -> torch.Tensor:
-    """y[s] = x[s] @ w[e(s)]ᵀ for rows sorted by expert e; ``counts_E`` rows per expert, ``offs_E`` their cumsum.
-
-    ``grouped_mm`` takes int32 end offsets and never leaves the device (no host sync, so ``torch.compile`` sees
-    one graph); ``loop`` syncs once for the counts and runs one matmul per expert.
-    """
-    if backend == "grouped_mm":
-        return grouped_mm(x_SI, w_EOI, offs_E)
-    # Reference: one matmul per expert over its contiguous slice (syncs once for the counts).
-    outs = [x @ w.t() for x, w in zip(torch.split(x_SI, counts_E.tolist()), w_EOI)]
-    return torch.cat(outs) if outs else x_SI.new_empty(0, w_EOI.shape[1])
-
-
-class _GatherCopies(torch.autograd.Function):
-    """x_SD = x_TD[order_S // K]: each token copied to its K slots, in expert-sorted order.
-
-    The backward sums each token's K copy-gradients without atomics (so it is deterministic on GPUs too): the
-    sorted gradients are put back in token-major order [T, K, D] by ``index_copy_`` and summed over K.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, order_S: torch.Tensor, top_k: int) -> torch.Tensor:
-        ctx.save_for_backward(order_S)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, order_S // top_k)
-
-    @staticmethod
-    def backward(ctx, g_SD: torch.Tensor):
-        (order_S,) = ctx.saved_tensors
-        S, D = g_SD.shape
-        g_TKD = torch.empty_like(g_SD).index_copy_(0, order_S, g_SD).view(S // ctx.top_k, ctx.top_k, D)
-        return g_TKD.sum(dim=1), None, None
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate)·up over the fused [S, 2F] gate/up projection.
-
-    Saves only its input (autograd would also keep silu(gate)) and writes both halves of the gradient into one
-    [S, 2F] buffer, where autograd would allocate two and concatenate them.
-    """
-
-    @staticmethod
-    def forward(ctx, h_S2F: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(h_S2F)
-        gate_SF, up_SF = h_S2F.chunk(2, dim=-1)
-        return F.silu(gate_SF).mul_(up_SF)
-
-    @staticmethod
-    def backward(ctx, g_SF: torch.Tensor) -> torch.Tensor:
-        (h_S2F,) = ctx.saved_tensors
-        gate_SF, up_SF = h_S2F.chunk(2, dim=-1)
-        if torch.compiler.is_compiling():  # Dynamo cannot trace out= here; Inductor fuses the concat anyway
-            dgate_SF = torch.ops.aten.silu_backward(g_SF * up_SF, gate_SF)
-            return torch.cat([dgate_SF, F.silu(gate_SF) * g_SF], dim=-1)
-        g_S2F = torch.empty_like(h_S2F)
-        dgate_SF, dup_SF = g_S2F.chunk(2, dim=-1)
-        torch.mul(F.silu(gate_SF), g_SF, out=dup_SF)
-        torch.ops.aten.silu_backward.grad_input(g_SF * up_SF, gate_SF, grad_input=dgate_SF)
-        return g_S2F
-
-
-class _GroupedSwiGLU(torch.autograd.Function):
-    """a_S = silu(x_S W_gate[e]ᵀ) · (x_S W_up[e]ᵀ) for rows sorted by expert e — the grouped up-projection and SwiGLU
-    in one autograd node (``grouped_mm`` backend on CPU).
-
-    The gate and up projections are two grouped matmuls over the two halves of ``w_gate_up_E2FD`` so that each
-    comes out contiguous: silu and its backward on a strided half of one [S, 2F] product run ~1.6x slower on CPU.
-    The backward writes both halves of the gradient into one [S, 2F] buffer and runs one grouped backward over the
-    whole weight, so the weight gradient is produced in place, with no slice-and-concatenate pass.
-    """
-
-    @staticmethod
-    def forward(ctx, x_SD: torch.Tensor, w_E2FD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        F_ = w_E2FD.shape[1] // 2
-        gate_SF = grouped_mm(x_SD, w_E2FD[:, :F_], offs_E)
-        up_SF = grouped_mm(x_SD, w_E2FD[:, F_:], offs_E)
-        ctx.save_for_backward(x_SD, w_E2FD, offs_E, gate_SF, up_SF)
-        return F.silu(gate_SF).mul_(up_SF)
-
-    @staticmethod
-    def backward(ctx, g_SF: torch.Tensor):
-        x_SD, w_E2FD, offs_E, gate_SF, up_SF = ctx.saved_tensors
-        if torch.compiler.is_compiling():  # Dynamo cannot trace out= here; Inductor fuses the concat anyway
-            g_S2F = torch.cat([torch.ops.aten.silu_backward(g_SF * up_SF, gate_SF), F.silu(gate_SF) * g_SF], dim=-1)
-        else:
-            g_S2F = g_SF.new_empty(g_SF.shape[0], 2 * g_SF.shape[1])
-            dgate_SF, dup_SF = g_S2F.chunk(2, dim=-1)
-            torch.mul(F.silu(gate_SF), g_SF, out=dup_SF)
-            torch.ops.aten.silu_backward.grad_input(g_SF * up_SF, gate_SF, grad_input=dgate_SF)
-        dx_SD, dw_E2FD = _grouped_mm_backward(g_S2F, x_SD, w_E2FD, offs_E)
-        return dx_SD, dw_E2FD, None
-
-
-class MoEFFN(nn.Module):
-    """Token-choice top-k, dropless MoE with SwiGLU experts stored as 3-D weights.
-
-    ``w_gate_up_E2FD`` holds each expert's gate (rows :F) and up (rows F:) projections, ``w_down_EDF`` its down
-    projection — the same [out, in] layout as transformers' ``MixtralExperts`` (gate_up_proj, down_proj).
-
-    The token copies are sorted by expert with one stable sort; per-expert offsets come from ``searchsorted`` on
-    the sorted ids (static shapes, no host sync, no atomics). The combine puts the expert outputs back in
-    token-major order [T, K, D] and weights/sums them with one batched matmul, which also gives the routing
-    weights their gradient.
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_experts, self.top_k, self.ffn = cfg.n_experts, cfg.top_k, cfg.ffn_hidden
-        self.d_model = cfg.d_model
-        self.backend = cfg.moe_backend
-        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.w_gate_up_E2FD = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.ffn_hidden, cfg.d_model))
-        self.w_down_EDF = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.ffn_hidden))
-
-    def resolved_backend(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> str:
-        """``auto`` → ``grouped_mm`` where the device has it and rows are 16-byte multiples, else ``loop``."""
-        aligned = all(n * (dtype or x.dtype).itemsize % 16 == 0 for n in (self.d_model, self.ffn))
-        if self.backend == "grouped_mm" and not aligned:
-            raise ValueError(
-                f"moe_backend 'grouped_mm' needs d_model ({self.d_model}) and ffn_hidden ({self.ffn}) "
-                f"rows of whole 16-byte multiples in {dtype or x.dtype}; use 'auto' or 'loop'"
-            )
-        if self.backend != "auto":
-            return self.backend
-        return "grouped_mm" if aligned and grouped_mm_supported(x.device) else "loop"
-
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (y_TD, aux_loss, z_loss, tokens_per_expert_E)."""
-        T, D = x_TD.shape
-        E, K = self.n_experts, self.top_k
-        dtype = x_TD.dtype  # the expert matmuls run in the autocast dtype under autocast
-        if torch.is_autocast_enabled(x_TD.device.type):
-            dtype = torch.get_autocast_dtype(x_TD.device.type)
-        backend = self.resolved_backend(x_TD, dtype)
-
-        # 1. Router in fp32: softmax over all experts, top-k, renormalise over the chosen k (Mixtral).
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, experts_TK = probs_TE.topk(K, dim=-1)
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-
-        # 2. Sort the S = T·K token copies by expert; offs_E[e] = end of expert e's rows.
-        sorted_experts_S, order_S = experts_TK.reshape(-1).sort(stable=True)
-        ends_E = torch.searchsorted(sorted_experts_S, torch.arange(E, device=x_TD.device), right=True)
-        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-
-        # 3. Grouped SwiGLU over the sorted copies.
-        w_gate_up, w_down = self.w_gate_up_E2FD, self.w_down_EDF
-        if w_gate_up.dtype != dtype:
-            w_gate_up, w_down = w_gate_up.to(dtype), w_down.to(dtype)
-        offs_E = ends_E.to(torch.int32) if backend == "grouped_mm" else None
-        x_SD = _GatherCopies.apply(x_TD.to(dtype), order_S, K)
-        if backend == "grouped_mm" and x_SD.device.type == "cpu":  # measured on CPU only (docs/benchmarks.md)
-            a_SF = _GroupedSwiGLU.apply(x_SD, w_gate_up, offs_E)
-        else:
-            a_SF = _SwiGLU.apply(expert_matmul(x_SD, w_gate_up, counts_E, offs_E, backend))
-        y_SD = expert_matmul(a_SF, w_down, counts_E, offs_E, backend)
-
-        # 4. Combine: back to token-major order, then out[t] = Σ_k weight[t, k] · y[t, k] as one batched matmul.
-        y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(T, K, D)
-        out_TD = torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
-
-        # 5. Auxiliary losses (Switch load balancing, router z-loss).
-        f_E = counts_E.to(probs_TE.dtype) / (T * K)
-        aux_loss = E * torch.sum(f_E * probs_TE.mean(dim=0))
-        z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
-        return out_TD.to(x_TD.dtype), aux_loss, z_loss, counts_E.detach()
 
 
 class Block(nn.Module):
@@ -498,6 +275,8 @@ class MoETransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if torch.empty(0).device.type == "cpu":  # refuse what cannot fit before allocating it (not on meta/GPU)
+            check_memory(cfg, training=False, where="model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -510,7 +289,7 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for every matrix and embedding, ones for norms (PAPER.md "Training")."""
+        """Normal(0, init_std) for every matrix and embedding, ones for norms (docs/paper.md §Training)."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
@@ -542,7 +321,9 @@ class MoETransformer(nn.Module):
         start = cache.seq_len if cache is not None else 0
         shared = cache is not None and cache.prefix is not None
         if shared and attention_mask_BS is not None:
-            raise ValueError("with a shared-prefix cache the prefix padding mask lives in the cache; pass no attention_mask_BS")
+            raise ValueError(
+                "with a shared-prefix cache the prefix padding mask lives in the cache; pass no attention_mask_BS"
+            )
         if position_ids_BT is None:
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {start + T} positions exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -581,26 +362,59 @@ class MoETransformer(nn.Module):
             loss = lm_loss + L * (self.cfg.aux_loss_coef * aux_loss + self.cfg.z_loss_coef * z_loss)
         return MoEOutput(logits_BTV, loss, lm_loss, aux_loss, z_loss, torch.stack(counts))
 
-    # Hugging Face Mixtral interop (see moelab.hf) ---------------------------------------------------------------
+    # Routing feedback (routers that balance by a bias; moelab.routing.SigmoidBiasRouter) ------------------------
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write a Mixtral-format directory (config.json + model.safetensors) transformers loads."""
-        from .hf import save_pretrained
+    @property
+    def has_router_bias(self) -> bool:
+        """Whether some layer's router balances itself from observed load (the training loop must then call
+        :meth:`update_router_bias` after every optimizer step)."""
+        return any(hasattr(b.moe.router, "expert_bias") for b in self.blocks)
 
-        return save_pretrained(self, path, dtype=dtype)
+    @torch.no_grad()
+    def update_router_bias(self, expert_counts_LE: torch.Tensor) -> bool:
+        """Move every router's balancing bias towards balance given the step's load, [L, E] token copies per expert
+        (``MoEOutput.expert_counts_LE``) summed over all micro-batches of the step **and over all data-parallel
+        ranks** (``dist.all_reduce``), so every rank applies the same update. Call after ``optimizer.step()``;
+        a no-op (False) for routers without a bias."""
+        changed = [b.moe.router.update_bias(c_E) for b, c_E in zip(self.blocks, expert_counts_LE)]
+        return any(changed)
+
+    # Checkpoint directories (moelab.hf) ----------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None, format: str = "auto") -> Path:
+        """Write config.json + model.safetensors: the Mixtral format transformers loads when it can run this model
+        (``format="auto"``, the paper's router), else moelab's native format (which :meth:`from_pretrained` loads).
+        ``dtype`` applies to the parameters; buffers (a router's balancing bias) keep theirs."""
+        dtype = dtype or next(self.parameters()).dtype
+        params = {n for n, _ in self.named_parameters()}
+        sd = {k: v.to(dtype) if k in params else v for k, v in self.state_dict().items()}
+        return hf.write_checkpoint(path, self.cfg, sd, dtype, format)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device=None, **overrides) -> "MoETransformer":
-        """Load any Mixtral safetensors directory (ours, or written by transformers)."""
-        from .hf import from_pretrained
-
-        return from_pretrained(path, dtype=dtype, device=device, **overrides)
-
-
-def dense_swiglu_reference(x_TD: torch.Tensor, w_gate_up_2FD: torch.Tensor, w_down_DF: torch.Tensor) -> torch.Tensor:
-    """A plain dense SwiGLU FFN, used to check that E = k = 1 reduces to it."""
-    gate, up = F.linear(x_TD, w_gate_up_2FD).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w_down_DF)
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device=None, **overrides
+    ) -> "MoETransformer":
+        """Load a checkpoint directory: any Mixtral safetensors directory (ours, transformers', the paper's) or a
+        moelab-native one. ``overrides`` change config fields that do not affect shapes (``moe_backend``, ...)."""
+        path = Path(path)
+        cfg, sd = hf.read_checkpoint(path, **overrides)
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = model.state_dict()
+        for name in expected:
+            if name not in sd:
+                raise CheckpointError(f"{path}: no weights for {name}")
+        for name, t in sd.items():
+            if name not in expected:
+                raise CheckpointError(f"{path}: unexpected tensor {name!r} for this config")
+            if tuple(t.shape) != tuple(expected[name].shape):
+                want = tuple(expected[name].shape)
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, config implies {want}")
+        params = {n for n, _ in model.named_parameters()}
+        model.load_state_dict({k: v.to(dtype) if k in params else v for k, v in sd.items()}, strict=True, assign=True)
+        # Non-persistent buffers (RoPE tables) were created on the meta device: rebuild them for real.
+        model.rope_cos, model.rope_sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        return model.to(device) if device is not None else model
 
 
 __all__ = [
