@@ -25,6 +25,7 @@ from moelab.accounting import paper_grid
 from moelab.cli import COMMANDS, main
 from moelab.config import RunConfig
 from moelab.errors import ConfigError, MoelabError
+import moelab.sweep.spec
 from moelab.sweep import _study_lock, load_spec, load_study, plan_sweep, run_sweep
 
 FAKE = r'''
@@ -105,7 +106,7 @@ def fake_spec(tmp_path: Path, name: str = "spec.yaml", **overrides) -> Path:
         "data": {"sources": [{"path": "data.jsonl"}]},
         "prepare_data": False,
         "train": {"seq_len": 16, "global_batch": 8, "micro_batch": 8, "warmup": 0, "ckpt_every": 5},
-        "eval": {"tasks": ["alpha", "beta"], "data_dir": "evaldata", "limit": 3},
+        "eval": {"tasks": ["synthetic_reasoning", "synthetic_memory"], "data_dir": "evaldata", "limit": 3},
         "commands": {
             "train": f"{run} train {{config}} --out {{train_dir}}",
             "train_resume": f"{run} train --resume {{train_dir}}",
@@ -332,7 +333,7 @@ def test_run_ids_are_deterministic_and_follow_the_train_config():
     assert {(RunConfig.parse(q.config).train.lr, q.config["model"]["init_std"], q.config["model"]["n_layers"]) for q in ablation} == {
         (lr, s, L) for lr in (1e-3, 2e-3) for s in (0.01, 0.02) for L in (2, 4)}
     # eval settings and execution-only data settings do not change the run; the training data does
-    same = plan_sweep({**BASE, "eval": {"tasks": ["x"], "data_dir": "/e"}, "data": {**BASE["data"], "cache_dir": "/c", "num_workers": 3}})
+    same = plan_sweep({**BASE, "eval": {"tasks": ["gsm8k"], "data_dir": "/e"}, "data": {**BASE["data"], "cache_dir": "/c", "num_workers": 3}})
     assert same[0].run_id == p.run_id and same[0].stage_hashes["eval"] != ""
     other = plan_sweep({**BASE, "data": {"sources": [{"path": "y.jsonl"}]}})
     assert other[0].run_id != p.run_id
@@ -344,7 +345,7 @@ def test_run_ids_are_deterministic_and_follow_the_train_config():
 
 
 def test_sweep_runs_every_stage_records_everything_and_never_redoes_work(tmp_path):
-    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "alpha", "args": {"steps": 3, "kl": True}})
+    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "synthetic_reasoning", "args": {"steps": 3, "kl": True}})
     study = tmp_path / "study"
     report = run_sweep(spec, study, parallel=2, progress=False)
     assert report.ok and report.counts == {"completed": 4}
@@ -367,16 +368,16 @@ def test_sweep_runs_every_stage_records_everything_and_never_redoes_work(tmp_pat
         assert r["val_loss"] == info["val_loss"]
         last = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
         assert r["train_loss"] == last["lm_loss"] and last["step"] == 20
-        acc = result["tasks"]["alpha"]["accuracy"]["exact_match,strict-match"]
-        assert r["eval_metrics"] == {"alpha/exact_match,strict-match": acc, "alpha/task_loss_bits_per_token": 1 - acc,
-                                     "alpha/task_loss_bits_per_byte": 0.5, "beta/exact_match,strict-match": acc,
-                                     "beta/task_loss_bits_per_token": 1 - acc, "beta/task_loss_bits_per_byte": 0.5}
+        acc = result["tasks"]["synthetic_reasoning"]["accuracy"]["exact_match,strict-match"]
+        assert r["eval_metrics"] == {"synthetic_reasoning/exact_match,strict-match": acc, "synthetic_reasoning/task_loss_bits_per_token": 1 - acc,
+                                     "synthetic_reasoning/task_loss_bits_per_byte": 0.5, "synthetic_memory/exact_match,strict-match": acc,
+                                     "synthetic_memory/task_loss_bits_per_token": 1 - acc, "synthetic_memory/task_loss_bits_per_byte": 0.5}
         assert r["eval_results"] == str(run_dir / "eval" / "RESULT.json") and result["limit"] == "3"
         # post-training ran on the trained model, and the second eval on the post-trained one
         assert after["model"]["path"] == str(run_dir / "grpo" / "model" / "final")
-        assert r["post_eval_metrics"]["alpha/exact_match,strict-match"] == ((p.accounting["d_model"] + 1) * 7 + p.accounting["n_experts"]) % 100 / 100
+        assert r["post_eval_metrics"]["synthetic_reasoning/exact_match,strict-match"] == ((p.accounting["d_model"] + 1) * 7 + p.accounting["n_experts"]) % 100 / 100
         grpo_cmd = r["stage_states"]["post_train"]["command"]
-        assert "--task alpha" in grpo_cmd and "--steps 3 --kl" in grpo_cmd
+        assert "--task synthetic_reasoning" in grpo_cmd and "--steps 3 --kl" in grpo_cmd
         for stage in ("train", "eval", "post_train", "eval_post"):
             st = r["stage_states"][stage]
             assert Path(st["log_path"]) == run_dir / "logs" / f"{stage}.log" and Path(st["log_path"]).is_file()
@@ -489,7 +490,7 @@ def test_changed_spec_adds_new_runs_keeps_removed_ones_and_reopens_changed_stage
     train_before = snapshot(study / "runs" / kept / "train")
     removed_before = snapshot(study / "runs" / removed)
     # B drops E=4, adds E=8, and evaluates a different task list
-    spec_b = fake_spec(tmp_path, "b.yaml", grid={"d": [32], "E": [2, 8], "k": [1]}, eval={"tasks": ["gamma"], "data_dir": "evaldata"})
+    spec_b = fake_spec(tmp_path, "b.yaml", grid={"d": [32], "E": [2, 8], "k": [1]}, eval={"tasks": ["gsm8k"], "data_dir": "evaldata"})
     b_ids = [p.run_id for p in plan_sweep(spec_b)]
     assert b_ids[0] == kept and b_ids[1] not in a_ids
     report = run_sweep(spec_b, study, progress=False)
@@ -499,16 +500,20 @@ def test_changed_spec_adds_new_runs_keeps_removed_ones_and_reopens_changed_stage
     assert table[(kept, "eval")] == ("completed", 2, 2)  # re-evaluated on the new task list
     assert table[(b_ids[1], "train")] == ("completed", 1, 1)
     assert snapshot(study / "runs" / kept / "train") == train_before
-    assert set(json.loads((study / "runs" / kept / "eval" / "RESULT.json").read_text())["tasks"]) == {"gamma"}
+    assert set(json.loads((study / "runs" / kept / "eval" / "RESULT.json").read_text())["tasks"]) == {"gsm8k"}
     assert snapshot(study / "runs" / removed) == removed_before and table[(removed, "train")] == ("completed", 1, 1)
     rows = {r["run_id"]: r for r in load_study(study)}
     assert not rows[removed]["in_spec"] and rows[kept]["in_spec"] and set(rows[kept]["eval_metrics"]) == {
-        "gamma/exact_match,strict-match", "gamma/task_loss_bits_per_token", "gamma/task_loss_bits_per_byte"}
+        "gsm8k/exact_match,strict-match", "gsm8k/task_loss_bits_per_token", "gsm8k/task_loss_bits_per_byte"}
 
 
 def test_post_training_is_skipped_when_moelab_grpo_is_missing(tmp_path, monkeypatch):
-    monkeypatch.delitem(COMMANDS, "grpo", raising=False)
-    spec = fake_spec(tmp_path, grid={"d": [32], "E": [2], "k": [1]}, post_train={"method": "grpo", "task": "alpha"})
+    # an installation without moelab.rl: `moelab grpo` cannot run, so post-training is skipped, not failed
+    monkeypatch.setitem(moelab.sweep.spec.STAGE_MODULES, "grpo", "moelab.no_such_module")
+    from moelab.demo import grpo_available
+
+    assert not grpo_available()
+    spec = fake_spec(tmp_path, grid={"d": [32], "E": [2], "k": [1]}, post_train={"method": "grpo", "task": "synthetic_reasoning"})
     spec_data = yaml.safe_load(spec.read_text())
     del spec_data["commands"]["post_train"]  # the default: `moelab grpo ...`
     spec.write_text(yaml.safe_dump(spec_data))
@@ -634,7 +639,7 @@ def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_post_train_only_selects_runs(tmp_path):
-    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "alpha", "only": [{"d": 64, "E": 4}, {"d": 32, "E": 2, "k": 1}]})
+    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "synthetic_reasoning", "only": [{"d": 64, "E": 4}, {"d": 32, "E": 2, "k": 1}]})
     stages = {p.name.split("-")[0] + "-" + p.name.split("-")[1]: p.stages for p in plan_sweep(spec)}
     full, short = ["train", "eval", "post_train", "eval_post"], ["train", "eval"]
     assert stages == {"d32-E2": full, "d32-E4": short, "d64-E2": short, "d64-E4": full}
@@ -648,7 +653,7 @@ def test_post_train_only_selects_runs(tmp_path):
         st = json.loads((study / "runs" / rid / "logs" / "train.status.json").read_text())
         assert st["cpu_s"] is not None and st["cpu_s"] > 0  # the stage process's own rusage
     with pytest.raises(ConfigError, match=r"post_train.only.0.kk: unknown key"):
-        load_spec({**BASE, "eval": {"tasks": ["a"], "data_dir": "x"}, "post_train": {"task": "a", "only": [{"kk": 1}]}})
+        load_spec({**BASE, "eval": {"tasks": ["gsm8k"], "data_dir": "x"}, "post_train": {"task": "gsm8k", "only": [{"kk": 1}]}})
 
 
 def test_error_line_is_the_exception_not_a_progress_bar(tmp_path):

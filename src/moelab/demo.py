@@ -14,7 +14,6 @@ floating-point differences, which can grow over training at the demo's high lear
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -22,11 +21,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import MoelabError
+from .sweep.orchestrator import run_sweep
+from .sweep.paths import status_path
+from .sweep.registry import load_study
+from .sweep.spec import SweepSpec, moelab_command_available, read_spec_file, resolve_spec_path
 from .tasks import TASKS as TASKS_REGISTRY, primary_metric
-from .sweep import SweepSpec, load_study, resolve_spec_path, run_sweep, status_path
 
 __all__ = ["demo_spec", "run_demo", "chance_baselines", "stage_times"]
 
@@ -37,7 +37,7 @@ def demo_spec(with_grpo: bool = True, spec: str | Path = "demo") -> SweepSpec:
     """The demo spec, without its ``post_train`` section when ``with_grpo`` is False (run ids do not change:
     they hash the training config only, so a later ``--with-grpo`` run adds the GRPO stages to finished runs)."""
     path = resolve_spec_path(spec)
-    raw = yaml.safe_load(path.read_text())
+    raw = read_spec_file(path)
     if not with_grpo:
         raw.pop("post_train", None)
     s = SweepSpec.parse(raw, str(spec))
@@ -46,9 +46,7 @@ def demo_spec(with_grpo: bool = True, spec: str | Path = "demo") -> SweepSpec:
 
 
 def grpo_available() -> bool:
-    from .cli import COMMANDS
-
-    return "grpo" in COMMANDS
+    return moelab_command_available("grpo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +210,3 @@ def run_demo(
     print(f"report: {index}")
     return index
 
-
-def run_demo_cli(a: argparse.Namespace) -> int:
-    run_demo(a.out, with_grpo=a.with_grpo, parallel=a.parallel, progress=False if a.no_progress else None)
-    return 0
