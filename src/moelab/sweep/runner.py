@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MoelabError
-from .paths import has_checkpoint, log_path, post_trained_model, read_json, stage_paths, status_path, write_json
+from .paths import STAGES, has_checkpoint, log_path, post_trained_model, read_json, stage_paths, status_path, write_json
 
 JOB_FORMAT = "moelab-sweep-job/1"
 
@@ -67,10 +67,15 @@ class RunJob:
         if not isinstance(data, dict) or data.pop("format", None) != JOB_FORMAT:
             raise MoelabError(f"{where}: not a moelab sweep job (expected \"format\": \"{JOB_FORMAT}\")")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(data) - names), sorted(n for n in ("study_dir", "run_id", "run_dir", "stages", "commands", "values", "stage_hashes") if n not in data)
+        unknown = sorted(set(data) - names)
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in data]
         if unknown or missing:
             raise MoelabError(f"{where}: {'unknown key ' + unknown[0] if unknown else 'missing key ' + missing[0]}")
-        return cls(**data)
+        job = cls(**data)
+        if not (isinstance(job.stages, list) and all(s in STAGES for s in job.stages)):
+            raise MoelabError(f"{where}: stages: expected a list of {', '.join(STAGES)} (got {job.stages!r})")
+        return job
 
     @classmethod
     def load(cls, path: str | Path) -> "RunJob":

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol
 
 from ...config import StrictModel
 from ..paths import read_json, status_path
@@ -51,7 +51,6 @@ class Handle:
         self.done, self.result, self.label, self.detached = done, result, label, detached
 
 
-@runtime_checkable
 class Executor(Protocol):
     name: ClassVar[str]
     Spec: ClassVar[type[StrictModel] | None]
