@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-FAKE = r'''
+FAKE = r"""
 import hashlib, json, math, os, pathlib, sys, time
 import yaml
 
@@ -37,14 +37,16 @@ def train_loop(out, cfg, start):
     m.write_text("".join(l + "\n" for l in kept))
     if (out.parent / "FAIL").exists():
         print("moelab: error: injected failure", file=sys.stderr); sys.exit(2)
-    hang = os.environ.get("FAKE_HANG_RUN") not in (None, "") and os.environ.get("FAKE_HANG_RUN") == os.environ.get("MOELAB_SWEEP_RUN_ID")
+    victim = os.environ.get("FAKE_HANG_RUN")
+    hang = victim not in (None, "") and victim == os.environ.get("MOELAB_SWEEP_RUN_ID")
     with open(m, "a") as f:
         for step in range(start + 1, steps + 1):
             if hang and step == int(os.environ.get("FAKE_HANG_STEP", "7")):
                 tmp = out / ".hang.tmp"; tmp.write_text(str(os.getpid())); os.replace(tmp, out / ".hang")
                 while True:
                     time.sleep(1)
-            f.write(json.dumps({"step": step, "loss": loss_at(h, step), "lm_loss": loss_at(h, step) - 0.01}) + "\n"); f.flush()
+            rec = {"step": step, "loss": loss_at(h, step), "lm_loss": loss_at(h, step) - 0.01}
+            f.write(json.dumps(rec) + "\n"); f.flush()
             if step % t["ckpt_every"] == 0 or step == steps:
                 ck = out / "checkpoints" / f"step_{step:07d}"; ck.mkdir(parents=True, exist_ok=True)
                 wj(ck / "trainer_state.json", {"step": step})
@@ -79,7 +81,7 @@ elif cmd == "grpo":
     cfg = json.loads((src / "config.json").read_text()); cfg["d_model"] += 1; wj(out / "config.json", cfg)
 else:
     sys.exit("fake: unknown command " + cmd)
-'''
+"""
 
 
 def fake_spec(tmp_path: Path, name: str = "spec.yaml", **overrides) -> Path:
@@ -99,8 +101,10 @@ def fake_spec(tmp_path: Path, name: str = "spec.yaml", **overrides) -> Path:
         "commands": {
             "train": f"{run} train {{config}} --out {{train_dir}}",
             "train_resume": f"{run} train --resume {{train_dir}}",
-            "eval": f"{run} eval --model {{model_dir}} --tasks {{tasks}} --data-dir {{data_dir}} --out {{out}}{{options}}",
-            "post_train": f"{run} grpo --model {{model_dir}} --task {{task}} --data-dir {{data_dir}} --out {{out}}{{options}}",
+            "eval": f"{run} eval --model {{model_dir}} --tasks {{tasks}} --data-dir {{data_dir}} --out {{out}}"
+            "{options}",
+            "post_train": f"{run} grpo --model {{model_dir}} --task {{task}} --data-dir {{data_dir}} --out {{out}}"
+            "{options}",
         },
     }
     spec.update(overrides)
@@ -118,7 +122,10 @@ def db_rows(study: Path, sql: str) -> list[tuple]:
 
 
 def stage_table(study: Path) -> dict[tuple[str, str], tuple[str, int, int]]:
-    return {(r, s): (st, a, c) for r, s, st, a, c in db_rows(study, "SELECT run_id, stage, state, attempts, completions FROM stages")}
+    return {
+        (r, s): (st, a, c)
+        for r, s, st, a, c in db_rows(study, "SELECT run_id, stage, state, attempts, completions FROM stages")
+    }
 
 
 def completed_events(study: Path) -> dict[tuple[str, str], int]:
@@ -152,7 +159,10 @@ def kill_spawned() -> None:
 def sweep_proc(spec: Path, study: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     p = subprocess.Popen(
         [sys.executable, "-m", "moelab.cli", "sweep", str(spec), "--out", str(study), "--no-progress", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     SPAWNED.append(p)
     return p

@@ -2,9 +2,9 @@
 SIGKILL / SIGTERM, failures and --retry-failed, changed specs, skipped post-training, the three executors, and the
 real `moelab train` / `moelab eval` path.
 
-Most orchestration tests run a fake stage script (tests/sweepfake.py, injected through the spec's `commands:` templates, the
-documented hook) that mimics the trainer's run directory (run.json status, metrics.jsonl, checkpoints/step_*/,
-final/) in a fraction of a second; the tests at the end run the real trainer and evaluator.
+Most orchestration tests run a fake stage script (tests/sweepfake.py, injected through the spec's `commands:`
+templates, the documented hook) that mimics the trainer's run directory (run.json status, metrics.jsonl,
+checkpoints/step_*/, final/) in a fraction of a second; the tests at the end run the real trainer and evaluator.
 """
 
 from __future__ import annotations
@@ -27,7 +27,17 @@ from moelab.errors import ConfigError, MoelabError
 import moelab.sweep.spec
 from moelab.sweep import _study_lock, load_spec, load_study, plan_sweep, run_sweep
 
-from sweepfake import completed_events, db_rows, fake_spec, kill_spawned, pid_alive, snapshot, stage_table, sweep_proc, wait_for
+from sweepfake import (
+    completed_events,
+    db_rows,
+    fake_spec,
+    kill_spawned,
+    pid_alive,
+    snapshot,
+    stage_table,
+    sweep_proc,
+    wait_for,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -95,14 +105,28 @@ def test_paper_spec_is_the_paper_grid(capsys):
     for p, c in zip(plans, grid):
         a = p.accounting
         assert (a["d_model"], a["n_experts"], a["top_k"], a["n_layers"], a["n_heads"], a["ffn_hidden"]) == (
-            c.d_model, c.n_experts, c.top_k, c.n_layers, c.n_heads, c.ffn_hidden)
+            c.d_model,
+            c.n_experts,
+            c.top_k,
+            c.n_layers,
+            c.n_heads,
+            c.ffn_hidden,
+        )
         assert (a["total_params"], a["active_params"]) == (c.num_params, c.num_active_params)
         assert p.steps == 29_803 and p.tokens_per_step == 1024 * 4096 and p.warmup_steps == 2000
         assert p.run_id.startswith(f"d{c.d_model}-E{c.n_experts}-k{c.top_k}-")
     assert len({p.run_id for p in plans}) == 65
     rc = RunConfig.parse(plans[0].config)
     t = rc.train
-    assert (t.lr, t.min_lr_ratio, t.weight_decay, tuple(t.betas), t.eps, t.grad_clip, t.dtype) == (4e-4, 0.1, 0.1, (0.9, 0.95), 1e-8, 1.0, "bfloat16")
+    assert (t.lr, t.min_lr_ratio, t.weight_decay, tuple(t.betas), t.eps, t.grad_clip, t.dtype) == (
+        4e-4,
+        0.1,
+        0.1,
+        (0.9, 0.95),
+        1e-8,
+        1.0,
+        "bfloat16",
+    )
     assert plans[0].stages == ["train", "eval", "post_train", "eval_post"]
     # the CLI: `moelab plan src/moelab/presets/sweep_paper.yaml --json`
     preset = Path(__file__).resolve().parents[1] / "src" / "moelab" / "presets" / "sweep_paper.yaml"
@@ -139,8 +163,12 @@ def test_plan_table_and_flops_per_second(capsys):
 def test_budget_rounding_matches_the_trainer():
     from moelab.train import resolve_budget
 
-    spec = {**BASE, "grid": {"d": [64], "E": [4, 8], "k": [1, 2]}, "budget": {"tpp": 0.37},
-            "train": {**BASE["train"], "warmup": 0.25}}
+    spec = {
+        **BASE,
+        "grid": {"d": [64], "E": [4, 8], "k": [1, 2]},
+        "budget": {"tpp": 0.37},
+        "train": {**BASE["train"], "warmup": 0.25},
+    }
     for p in plan_sweep(spec):
         b = resolve_budget(RunConfig.parse(p.config))
         assert (p.steps, p.warmup_steps, p.tokens_per_step) == (b.total_steps, b.warmup_steps, b.tokens_per_step)
@@ -150,8 +178,12 @@ def test_budget_rounding_matches_the_trainer():
 
 def test_isoflop_budgets_and_tpp_filter():
     budgets = [2e11, 8e11]
-    spec = {**BASE, "grid": {"d": [64, 128], "E": [2, 8], "k": [1, 2]}, "budget": {"flops": budgets},
-            "estimate": {"flops_per_second": 1e9}}
+    spec = {
+        **BASE,
+        "grid": {"d": [64, 128], "E": [2, 8], "k": [1, 2]},
+        "budget": {"flops": budgets},
+        "estimate": {"flops_per_second": 1e9},
+    }
     plans = plan_sweep(spec)
     assert len(plans) == 8 * 2
     for p in plans:
@@ -173,10 +205,18 @@ def test_run_ids_are_deterministic_and_follow_the_train_config():
     assert p.run_id == f"d64-E4-k2-{p.config_hash[:8]}"
     ablation = plan_sweep({**BASE, "grid": {**BASE["grid"], "lr": [1e-3, 2e-3], "init_std": [0.01, 0.02], "L": [2, 4]}})
     assert len({q.run_id for q in ablation}) == 8
-    assert {(RunConfig.parse(q.config).train.lr, q.config["model"]["init_std"], q.config["model"]["n_layers"]) for q in ablation} == {
-        (lr, s, L) for lr in (1e-3, 2e-3) for s in (0.01, 0.02) for L in (2, 4)}
+    assert {
+        (RunConfig.parse(q.config).train.lr, q.config["model"]["init_std"], q.config["model"]["n_layers"])
+        for q in ablation
+    } == {(lr, s, L) for lr in (1e-3, 2e-3) for s in (0.01, 0.02) for L in (2, 4)}
     # eval settings and execution-only data settings do not change the run; the training data does
-    same = plan_sweep({**BASE, "eval": {"tasks": ["gsm8k"], "data_dir": "/e"}, "data": {**BASE["data"], "cache_dir": "/c", "num_workers": 3}})
+    same = plan_sweep(
+        {
+            **BASE,
+            "eval": {"tasks": ["gsm8k"], "data_dir": "/e"},
+            "data": {**BASE["data"], "cache_dir": "/c", "num_workers": 3},
+        }
+    )
     assert same[0].run_id == p.run_id and same[0].stage_hashes["eval"] != ""
     other = plan_sweep({**BASE, "data": {"sources": [{"path": "y.jsonl"}]}})
     assert other[0].run_id != p.run_id
@@ -188,7 +228,9 @@ def test_run_ids_are_deterministic_and_follow_the_train_config():
 
 
 def test_sweep_runs_every_stage_records_everything_and_never_redoes_work(tmp_path):
-    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "synthetic_reasoning", "args": {"steps": 3, "kl": True}})
+    spec = fake_spec(
+        tmp_path, post_train={"method": "grpo", "task": "synthetic_reasoning", "args": {"steps": 3, "kl": True}}
+    )
     study = tmp_path / "study"
     report = run_sweep(spec, study, parallel=2, progress=False)
     assert report.ok and report.counts == {"completed": 4}
@@ -212,13 +254,21 @@ def test_sweep_runs_every_stage_records_everything_and_never_redoes_work(tmp_pat
         last = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
         assert r["train_loss"] == last["lm_loss"] and last["step"] == 20
         acc = result["tasks"]["synthetic_reasoning"]["accuracy"]["exact_match,strict-match"]
-        assert r["eval_metrics"] == {"synthetic_reasoning/exact_match,strict-match": acc, "synthetic_reasoning/task_loss_bits_per_token": 1 - acc,
-                                     "synthetic_reasoning/task_loss_bits_per_byte": 0.5, "synthetic_memory/exact_match,strict-match": acc,
-                                     "synthetic_memory/task_loss_bits_per_token": 1 - acc, "synthetic_memory/task_loss_bits_per_byte": 0.5}
+        assert r["eval_metrics"] == {
+            "synthetic_reasoning/exact_match,strict-match": acc,
+            "synthetic_reasoning/task_loss_bits_per_token": 1 - acc,
+            "synthetic_reasoning/task_loss_bits_per_byte": 0.5,
+            "synthetic_memory/exact_match,strict-match": acc,
+            "synthetic_memory/task_loss_bits_per_token": 1 - acc,
+            "synthetic_memory/task_loss_bits_per_byte": 0.5,
+        }
         assert r["eval_results"] == str(run_dir / "eval" / "RESULT.json") and result["limit"] == "3"
         # post-training ran on the trained model, and the second eval on the post-trained one
         assert after["model"]["path"] == str(run_dir / "grpo" / "model" / "final")
-        assert r["post_eval_metrics"]["synthetic_reasoning/exact_match,strict-match"] == ((p.accounting["d_model"] + 1) * 7 + p.accounting["n_experts"]) % 100 / 100
+        assert (
+            r["post_eval_metrics"]["synthetic_reasoning/exact_match,strict-match"]
+            == ((p.accounting["d_model"] + 1) * 7 + p.accounting["n_experts"]) % 100 / 100
+        )
         grpo_cmd = r["stage_states"]["post_train"]["command"]
         assert "--task synthetic_reasoning" in grpo_cmd and "--steps 3 --kl" in grpo_cmd
         for stage in ("train", "eval", "post_train", "eval_post"):
@@ -260,21 +310,40 @@ def test_sigkill_mid_training_loses_and_redoes_nothing(tmp_path):
     assert (study / "runs" / victim / "train" / "checkpoints" / "step_0000005").is_dir()
     done_before = snapshot(study / "runs" / ids[0])
 
-    out = subprocess.run([sys.executable, "-m", "moelab.cli", "sweep", str(spec), "--out", str(study), "--no-progress"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "moelab.cli", "sweep", str(spec), "--out", str(study), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{victim} train interrupted: its sweep died (attempt 1)" in out.stdout
     assert snapshot(study / "runs" / ids[0]) == done_before  # the finished run: untouched
     info = json.loads((study / "runs" / victim / "train" / "run.json").read_text())
     assert info["status"] == "completed" and info["resumes"] == [5]  # resumed from its step-5 checkpoint
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, str(tmp_path / "fake.py"), "train", str(study / "runs" / victim / "train.yaml"), "--out", str(ref)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "fake.py"),
+            "train",
+            str(study / "runs" / victim / "train.yaml"),
+            "--out",
+            str(ref),
+        ],
+        check=True,
+    )
     assert (study / "runs" / victim / "train" / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
     table = stage_table(study)
     assert all(state == "completed" and completions == 1 for state, _, completions in table.values())
     assert {k: a for k, (_, a, _) in table.items() if a != 1} == {(victim, "train"): 2}
     assert set(completed_events(study).values()) == {1} and len(completed_events(study)) == 8
-    events = [e for (e,) in db_rows(study, f"SELECT event FROM events WHERE run_id = '{victim}' AND stage = 'train' ORDER BY id")]
+    events = [
+        e
+        for (e,) in db_rows(
+            study, f"SELECT event FROM events WHERE run_id = '{victim}' AND stage = 'train' ORDER BY id"
+        )
+    ]
     assert events == ["started", "interrupted", "started", "completed"]
 
 
@@ -333,7 +402,9 @@ def test_changed_spec_adds_new_runs_keeps_removed_ones_and_reopens_changed_stage
     train_before = snapshot(study / "runs" / kept / "train")
     removed_before = snapshot(study / "runs" / removed)
     # B drops E=4, adds E=8, and evaluates a different task list
-    spec_b = fake_spec(tmp_path, "b.yaml", grid={"d": [32], "E": [2, 8], "k": [1]}, eval={"tasks": ["gsm8k"], "data_dir": "evaldata"})
+    spec_b = fake_spec(
+        tmp_path, "b.yaml", grid={"d": [32], "E": [2, 8], "k": [1]}, eval={"tasks": ["gsm8k"], "data_dir": "evaldata"}
+    )
     b_ids = [p.run_id for p in plan_sweep(spec_b)]
     assert b_ids[0] == kept and b_ids[1] not in a_ids
     report = run_sweep(spec_b, study, progress=False)
@@ -346,8 +417,12 @@ def test_changed_spec_adds_new_runs_keeps_removed_ones_and_reopens_changed_stage
     assert set(json.loads((study / "runs" / kept / "eval" / "RESULT.json").read_text())["tasks"]) == {"gsm8k"}
     assert snapshot(study / "runs" / removed) == removed_before and table[(removed, "train")] == ("completed", 1, 1)
     rows = {r["run_id"]: r for r in load_study(study)}
-    assert not rows[removed]["in_spec"] and rows[kept]["in_spec"] and set(rows[kept]["eval_metrics"]) == {
-        "gsm8k/exact_match,strict-match", "gsm8k/task_loss_bits_per_token", "gsm8k/task_loss_bits_per_byte"}
+    assert (
+        not rows[removed]["in_spec"]
+        and rows[kept]["in_spec"]
+        and set(rows[kept]["eval_metrics"])
+        == {"gsm8k/exact_match,strict-match", "gsm8k/task_loss_bits_per_token", "gsm8k/task_loss_bits_per_byte"}
+    )
 
 
 def test_post_training_is_skipped_when_moelab_grpo_is_missing(tmp_path, monkeypatch):
@@ -356,7 +431,9 @@ def test_post_training_is_skipped_when_moelab_grpo_is_missing(tmp_path, monkeypa
     from moelab.demo import grpo_available
 
     assert not grpo_available()
-    spec = fake_spec(tmp_path, grid={"d": [32], "E": [2], "k": [1]}, post_train={"method": "grpo", "task": "synthetic_reasoning"})
+    spec = fake_spec(
+        tmp_path, grid={"d": [32], "E": [2], "k": [1]}, post_train={"method": "grpo", "task": "synthetic_reasoning"}
+    )
     spec_data = yaml.safe_load(spec.read_text())
     del spec_data["commands"]["post_train"]  # the default: `moelab grpo ...`
     spec.write_text(yaml.safe_dump(spec_data))
@@ -376,7 +453,9 @@ def test_one_sweep_per_study(tmp_path):
     study = tmp_path / "study"
     study.mkdir()
     with _study_lock(study):
-        with pytest.raises(MoelabError, match=rf"another `moelab sweep` \(pid {os.getpid()}\) is working on this study"):
+        with pytest.raises(
+            MoelabError, match=rf"another `moelab sweep` \(pid {os.getpid()}\) is working on this study"
+        ):
             run_sweep(spec, study, progress=False)
 
 
@@ -388,7 +467,10 @@ def test_submitit_executor_runs_jobs_through_submitit(tmp_path):
     jobs = [j for (j,) in db_rows(study, "SELECT job FROM runs")]
     assert all(j.startswith("submitit:") for j in jobs)
     assert list((study / "submitit").glob("*_result.pkl"))  # submitit's own job records
-    runner_pids = {json.loads((study / "runs" / r / "logs" / "train.status.json").read_text())["runner_pid"] for r in [p.run_id for p in plan_sweep(spec)]}
+    runner_pids = {
+        json.loads((study / "runs" / r / "logs" / "train.status.json").read_text())["runner_pid"]
+        for r in [p.run_id for p in plan_sweep(spec)]
+    }
     assert os.getpid() not in runner_pids  # the stages ran inside submitit job processes
 
 
@@ -410,11 +492,28 @@ REAL = {
     "name": "real",
     "model": {"vocab_size": 384, "n_layers": 1, "head_dim": 16, "max_seq_len": 128},  # room for prompt + answer at eval
     "budget": {"tokens": 1536},  # 12 steps of 4 × 32 tokens
-    "synthetic": {"n_entities": 20, "bios_per_entity": 1, "n_memory_eval": 6, "n_train_problems": 60, "n_test_problems": 6, "n_fewshot": 2,
-                  "min_steps": 1, "max_steps": 1},  # one-step problems: a worked solution fits the 128-token context
+    "synthetic": {
+        "n_entities": 20,
+        "bios_per_entity": 1,
+        "n_memory_eval": 6,
+        "n_train_problems": 60,
+        "n_test_problems": 6,
+        "n_fewshot": 2,
+        "min_steps": 1,
+        "max_steps": 1,
+    },  # one-step problems: a worked solution fits the 128-token context
     "data": {"tokenizer": {"vocab_size": 384}, "val_fraction": 0.1, "num_workers": 0},
-    "train": {"seq_len": 32, "global_batch": 4, "micro_batch": 4, "lr": 3e-3, "warmup": 0, "log_every": 2,
-              "eval_every": 0, "eval_batches": 1, "ckpt_every": 4},
+    "train": {
+        "seq_len": 32,
+        "global_batch": 4,
+        "micro_batch": 4,
+        "lr": 3e-3,
+        "warmup": 0,
+        "log_every": 2,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "ckpt_every": 4,
+    },
     "threads_per_run": 1,
 }
 
@@ -422,8 +521,15 @@ REAL = {
 def test_real_train_and_eval(tmp_path):
     if "eval" not in COMMANDS:
         pytest.skip("`moelab eval` is not registered yet")
-    spec = {**REAL, "runs": [{"d": 32, "E": 4, "k": 2}],
-            "eval": {"tasks": ["synthetic_memory", "synthetic_reasoning"], "limit": 2, "args": ["--num-fewshot", "1", "--max-gen-toks", "24"]}}
+    spec = {
+        **REAL,
+        "runs": [{"d": 32, "E": 4, "k": 2}],
+        "eval": {
+            "tasks": ["synthetic_memory", "synthetic_reasoning"],
+            "limit": 2,
+            "args": ["--num-fewshot", "1", "--max-gen-toks", "24"],
+        },
+    }
     study = tmp_path / "study"
     report = run_sweep(spec, study, progress=False)
     (row,) = report.runs
@@ -449,9 +555,16 @@ def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
     an uninterrupted training of the same config."""
     from moelab.train import TIMING_KEYS, read_metrics, train
 
-    hang = 'sh -c \'[ "$MOELAB_SWEEP_RUN_ID" = "$HANG_RUN" ] && export MOELAB_TEST_HANG_AT_STEP=6; exec "$0" "$@"\' {moelab} train {config} --out {train_dir}'
+    hang = (
+        'sh -c \'[ "$MOELAB_SWEEP_RUN_ID" = "$HANG_RUN" ] && export MOELAB_TEST_HANG_AT_STEP=6; exec "$0" "$@"\' '
+        "{moelab} train {config} --out {train_dir}"
+    )
     spec_path = tmp_path / "real.yaml"
-    spec_path.write_text(yaml.safe_dump({**REAL, "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}], "commands": {"train": hang}}))
+    spec_path.write_text(
+        yaml.safe_dump(
+            {**REAL, "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}], "commands": {"train": hang}}
+        )
+    )
     ids = [p.run_id for p in plan_sweep(spec_path)]
     study = tmp_path / "study"
     proc = sweep_proc(spec_path, study, env={"HANG_RUN": ids[1]})
@@ -459,8 +572,12 @@ def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     first = snapshot(study / "runs" / ids[0])
-    out = subprocess.run([sys.executable, "-m", "moelab.cli", "sweep", str(spec_path), "--out", str(study), "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "moelab.cli", "sweep", str(spec_path), "--out", str(study), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert snapshot(study / "runs" / ids[0]) == first
     run = study / "runs" / ids[1] / "train"
@@ -482,7 +599,14 @@ def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_post_train_only_selects_runs(tmp_path):
-    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "synthetic_reasoning", "only": [{"d": 64, "E": 4}, {"d": 32, "E": 2, "k": 1}]})
+    spec = fake_spec(
+        tmp_path,
+        post_train={
+            "method": "grpo",
+            "task": "synthetic_reasoning",
+            "only": [{"d": 64, "E": 4}, {"d": 32, "E": 2, "k": 1}],
+        },
+    )
     stages = {p.name.split("-")[0] + "-" + p.name.split("-")[1]: p.stages for p in plan_sweep(spec)}
     full, short = ["train", "eval", "post_train", "eval_post"], ["train", "eval"]
     assert stages == {"d32-E2": full, "d32-E4": short, "d64-E2": short, "d64-E4": full}
@@ -496,17 +620,28 @@ def test_post_train_only_selects_runs(tmp_path):
         st = json.loads((study / "runs" / rid / "logs" / "train.status.json").read_text())
         assert st["cpu_s"] is not None and st["cpu_s"] > 0  # the stage process's own rusage
     with pytest.raises(ConfigError, match=r"post_train.only.0.kk: unknown key"):
-        load_spec({**BASE, "eval": {"tasks": ["gsm8k"], "data_dir": "x"}, "post_train": {"task": "gsm8k", "only": [{"kk": 1}]}})
+        load_spec(
+            {
+                **BASE,
+                "eval": {"tasks": ["gsm8k"], "data_dir": "x"},
+                "post_train": {"task": "gsm8k", "only": [{"kk": 1}]},
+            }
+        )
 
 
 def test_error_line_is_the_exception_not_a_progress_bar(tmp_path):
     from moelab.sweep import _error_from_log
 
     log = tmp_path / "eval.log"
-    log.write_text("=== header\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
-                   "ValueError: max_gen_toks (32) must be below the model's max_length (32)\n"
-                   "generate_until:   0%|          | 0/4 [00:00<?, ?it/s]\n")
-    assert _error_from_log(log, 0, 1) == "ValueError: max_gen_toks (32) must be below the model's max_length (32) (exit code 1)"
+    log.write_text(
+        '=== header\nTraceback (most recent call last):\n  File "x.py", line 1\n'
+        "ValueError: max_gen_toks (32) must be below the model's max_length (32)\n"
+        "generate_until:   0%|          | 0/4 [00:00<?, ?it/s]\n"
+    )
+    assert (
+        _error_from_log(log, 0, 1)
+        == "ValueError: max_gen_toks (32) must be below the model's max_length (32) (exit code 1)"
+    )
     log.write_text("noise\nmoelab: error: eval: --limit must be >= 1\nmore noise\n")
     assert _error_from_log(log, 0, 2) == "moelab: error: eval: --limit must be >= 1 (exit code 2)"
 
@@ -526,17 +661,33 @@ def test_chance_baselines_are_answer_prior_guessers(tmp_path):
     from moelab.synthetic import final_answer, write_synthetic
 
     d = tmp_path / "syn"
-    write_synthetic(d, n_entities=30, bios_per_entity=1, n_memory_eval=40, n_train_problems=200, n_test_problems=30,
-                    min_steps=1, max_steps=1, max_number=5, max_value=10)
+    write_synthetic(
+        d,
+        n_entities=30,
+        bios_per_entity=1,
+        n_memory_eval=40,
+        n_train_problems=200,
+        n_test_problems=30,
+        min_steps=1,
+        max_steps=1,
+        max_number=5,
+        max_value=10,
+    )
     got = chance_baselines(d)
     mem = [json.loads(x) for x in (d / "synthetic_memory.jsonl").read_text().splitlines()]
     rea = [json.loads(x) for x in (d / "synthetic_reasoning.jsonl").read_text().splitlines()]
-    # reference: the most frequent training answer, and per attribute the most frequent value among people never asked about
-    train_answers = [final_answer(json.loads(x)["text"]) for x in (d / "train_reasoning.jsonl").read_text().splitlines()]
+    # reference: the most frequent training answer, and per attribute the most frequent value among people never
+    # asked about
+    train_answers = [
+        final_answer(json.loads(x)["text"]) for x in (d / "train_reasoning.jsonl").read_text().splitlines()
+    ]
     top = max(set(train_answers), key=lambda a: (train_answers.count(a), -train_answers.index(a)))
     assert got["synthetic_reasoning"] == sum(final_answer(r["answer"]) == top for r in rea) / len(rea)
     assert 0.0 <= got["synthetic_memory"] < 0.5 and got["synthetic_reasoning"] < 0.5
-    assert chance_baselines(d, limit=5)["synthetic_reasoning"] == sum(final_answer(r["answer"]) == top for r in rea[:5]) / 5
+    assert (
+        chance_baselines(d, limit=5)["synthetic_reasoning"]
+        == sum(final_answer(r["answer"]) == top for r in rea[:5]) / 5
+    )
     assert len(mem) == 40
 
 
@@ -547,9 +698,19 @@ def test_demo_end_to_end_on_a_tiny_spec_and_resume(tmp_path, capsys):
     from moelab.demo import run_demo
 
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(yaml.safe_dump({**REAL, "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}],
-                                    "eval": {"tasks": ["synthetic_memory", "synthetic_reasoning"], "limit": 4,
-                                             "args": ["--num-fewshot", "1", "--max-gen-toks", "24"]}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                **REAL,
+                "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}],
+                "eval": {
+                    "tasks": ["synthetic_memory", "synthetic_reasoning"],
+                    "limit": 4,
+                    "args": ["--num-fewshot", "1", "--max-gen-toks", "24"],
+                },
+            }
+        )
+    )
     study = tmp_path / "study"
     index = run_demo(study, with_grpo=False, spec=spec, progress=False, n_boot=20)
     out = capsys.readouterr().out

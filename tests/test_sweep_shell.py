@@ -26,8 +26,9 @@ from sweepfake import completed_events, db_rows, fake_spec, pid_alive, snapshot,
 
 
 def run_script(script: str | Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def submit_list(study: Path) -> list[str]:
@@ -79,8 +80,11 @@ def test_a_new_executor_is_one_class_and_one_registry_entry(tmp_path, monkeypatc
 
 
 def test_shell_executor_writes_scripts_then_collects_their_results(tmp_path, capsys):
-    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "synthetic_reasoning", "args": {"steps": 3}},
-                     shell={"header": ["#SBATCH --time=10"], "setup": ["export FAKE_SETUP_RAN=1"]})
+    spec = fake_spec(
+        tmp_path,
+        post_train={"method": "grpo", "task": "synthetic_reasoning", "args": {"steps": 3}},
+        shell={"header": ["#SBATCH --time=10"], "setup": ["export FAKE_SETUP_RAN=1"]},
+    )
     study = tmp_path / "study"
     ids = [p.run_id for p in plan_sweep(spec)]
     # 1. the first call hands every run over and exits 0 (nothing failed; everything left is in the scripts)
@@ -94,10 +98,14 @@ def test_shell_executor_writes_scripts_then_collects_their_results(tmp_path, cap
     text = Path(scripts[0]).read_text()
     lines = text.splitlines()
     assert lines[0] == "#!/usr/bin/env bash" and lines[1] == "#SBATCH --time=10"  # directives before any command
-    assert "export FAKE_SETUP_RAN=1" in lines and lines[-1].endswith(f"-m moelab.sweep.runner {study / 'jobs' / Path(scripts[0]).stem}.json")
+    assert "export FAKE_SETUP_RAN=1" in lines and lines[-1].endswith(
+        f"-m moelab.sweep.runner {study / 'jobs' / Path(scripts[0]).stem}.json"
+    )
     assert os.access(scripts[0], os.X_OK)
     job = RunJob.load(study / "jobs" / f"{Path(scripts[0]).stem}.json")
-    assert job.stages == ["train", "eval", "post_train", "eval_post"] and job.run_dir == str(study / "runs" / job.run_id)
+    assert job.stages == ["train", "eval", "post_train", "eval_post"] and job.run_dir == str(
+        study / "runs" / job.run_id
+    )
     assert {j for (j,) in db_rows(study, "SELECT job FROM runs")} == {f"shell:{s}" for s in scripts}
     # 2. run them (here: bash, one after the other; any scheduler would do)
     for s in scripts:
@@ -155,12 +163,19 @@ def test_a_killed_script_resumes_and_a_running_one_is_not_duplicated(tmp_path, c
     assert main(args) == 0
     (script,) = submit_list(study)
     hang = study / "runs" / rid / "train" / ".hang"
-    proc = subprocess.Popen(["bash", script], env={**os.environ, "FAKE_HANG_RUN": rid, "FAKE_HANG_STEP": "8"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", script],
+        env={**os.environ, "FAKE_HANG_RUN": rid, "FAKE_HANG_STEP": "8"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not hang.exists():
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            assert proc.poll() is None and time.time() < deadline, (
+                proc.stdout.read() if proc.poll() is not None else "timeout"
+            )
             time.sleep(0.05)
         # while it runs: the orchestrator sees the live runner and writes no second script for it
         assert main(args) == 0
@@ -195,8 +210,13 @@ def test_sigterm_to_a_job_stops_it_cleanly(tmp_path):
     (rid,) = [p.run_id for p in plan_sweep(spec)]
     assert main(["sweep", str(spec), "--out", str(study), "--executor", "shell", "--no-progress"]) == 0
     job = study / "jobs" / f"{rid}.json"
-    proc = subprocess.Popen([sys.executable, "-m", "moelab.sweep.runner", str(job)], text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "FAKE_HANG_RUN": rid, "FAKE_HANG_STEP": "8"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moelab.sweep.runner", str(job)],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "FAKE_HANG_RUN": rid, "FAKE_HANG_STEP": "8"},
+    )
     hang = study / "runs" / rid / "train" / ".hang"
     deadline = time.time() + 60
     while not hang.exists() and time.time() < deadline and proc.poll() is None:
@@ -210,7 +230,10 @@ def test_sigterm_to_a_job_stops_it_cleanly(tmp_path):
 
 def test_dry_run_and_plan_say_once_which_parts_of_a_spec_run_as_code(tmp_path, capsys):
     spec = fake_spec(tmp_path, grid={"d": [32], "E": [2], "k": [1]}, shell={"setup": ["module load cuda"]})
-    assert main(["sweep", str(spec), "--out", str(tmp_path / "s"), "--executor", "shell", "--dry-run", "--no-progress"]) == 0
+    assert (
+        main(["sweep", str(spec), "--out", str(tmp_path / "s"), "--executor", "shell", "--dry-run", "--no-progress"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("run as code with your rights") == 1
     assert "commands.train, commands.train_resume, commands.eval, commands.post_train, shell.setup" in out

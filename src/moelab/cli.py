@@ -29,7 +29,8 @@ def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser],
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="a sweep spec YAML (or preset name: demo, paper): show its resolved runs")
-    p.add_argument("--flops-per-second", type=float, help="with SPEC: assumed sustained FLOP/s per run for the time column")
+    p.add_argument("--flops-per-second", type=float,
+                   help="with SPEC: assumed sustained FLOP/s per run for the time column")
     p.add_argument("--preset", choices=["paper"], help="a named grid: 'paper' = the paper's 65 models")
     p.add_argument("--d-model", type=int)
     p.add_argument("--layers", type=int, default=16)
@@ -93,24 +94,31 @@ def _run_plan(a: argparse.Namespace) -> int:
 register("plan", "show parameter / FLOP / sparsity / TPP accounting for one config or a preset grid", _plan_args, _run_plan)
 
 
+def _parsers() -> dict[str, Callable[[argparse.ArgumentParser], None]]:
+    """Each subcommand's argument declarations (for checking a sweep's stage command lines against them)."""
+    return {name: add_args for name, (add_args, _, _) in COMMANDS.items()}
+
+
 def _run_plan_spec(a: argparse.Namespace) -> int:
     """`moelab plan SPEC [--json] [--flops-per-second X]`: the resolved runs of a sweep spec; runs nothing."""
     import math
 
     from .sweep.display import print_sweep_plan, trust_note
     from .sweep.plan import plan_rows, plan_sweep
+    from .sweep.preflight import check_stage_commands
     from .sweep.spec import EstimateSpec, load_spec
 
-    clash = [f for f in ("preset", "d_model", "heads", "kv_heads", "ffn_hidden", "experts", "top_k", "train_tokens", "tpp")
-             if getattr(a, f, None) is not None]
+    grid_flags = ("preset", "d_model", "heads", "kv_heads", "ffn_hidden", "experts", "top_k", "train_tokens", "tpp")
+    clash = [f for f in grid_flags if getattr(a, f, None) is not None]
     if clash:
-        raise MoelabError(f"plan: --{clash[0].replace('_', '-')} cannot be combined with a spec (edit the spec instead)")
+        flag = "--" + clash[0].replace("_", "-")
+        raise MoelabError(f"plan: {flag} cannot be combined with a spec (edit the spec instead)")
     spec = load_spec(a.spec)
     if a.flops_per_second is not None:
         if not (math.isfinite(a.flops_per_second) and a.flops_per_second > 0):
             raise MoelabError(f"plan: --flops-per-second must be a finite number > 0 (got {a.flops_per_second})")
         spec = spec.model_copy(update={"estimate": EstimateSpec(flops_per_second=a.flops_per_second)})
-    check_stage_commands(spec, None)
+    check_stage_commands(spec, None, _parsers())
     plans = plan_sweep(spec)
     if a.json:
         print(json.dumps(plan_rows(plans), indent=1, default=str))
@@ -120,84 +128,6 @@ def _run_plan_spec(a: argparse.Namespace) -> int:
     else:
         print_sweep_plan(spec, plans)
     return 0
-
-
-class _CheckParser(argparse.ArgumentParser):
-    """An argument parser that raises instead of printing usage and exiting (for checking command lines)."""
-
-    def error(self, message: str):
-        raise MoelabError(message)
-
-    def exit(self, status: int = 0, message: str | None = None):
-        raise MoelabError((message or "").strip() or f"would exit with status {status}")
-
-
-class _AnyVariable(dict):
-    """``${NAME}`` placeholders left as they are (``moelab plan SPEC`` needs no environment)."""
-
-    def __contains__(self, name: object) -> bool:
-        return True
-
-    def __missing__(self, name: str) -> str:
-        return f"/{name}"
-
-
-def check_stage_commands(spec, study: str | None) -> None:
-    """Parse every stage's command line with the `moelab` subcommand's own parser before anything runs, so a
-    misspelled flag in ``eval.args``/``post_train.args`` or a ``commands:`` template fails now, not after training.
-    ``study`` None: leave ``${VAR}`` placeholders unexpanded (``moelab plan``)."""
-    from pathlib import Path
-
-    from .sweep.orchestrator import make_job, study_variables
-    from .sweep.plan import plan_sweep
-    from .sweep.runner import stage_argv
-
-    root = Path(study or "/STUDY").expanduser().absolute()
-    variables = _AnyVariable() if study is None else study_variables(root, spec)
-    seen: set[str] = set()
-    for p in plan_sweep(spec):
-        for stage in p.stages:
-            if stage in seen:
-                continue
-            seen.add(stage)
-            key, section = {"train": ("train", "train"), "eval": ("eval", "eval"), "eval_post": ("eval", "eval"),
-                            "post_train": ("post_train", "post_train")}[stage]
-            job = make_job(spec, p, root, variables, [stage])
-            bare = make_job(spec, p, root, variables, [stage])  # the same without eval.args / post_train.args
-            bare.values = {k: ("" if k.endswith("_options") else v) for k, v in job.values.items()}
-            for variant, cmd in (("run", key), ("resume", "train_resume")) if stage == "train" else (("run", key),):
-                _check_argv(stage_argv(job, stage, variant), stage_argv(bare, stage, variant), cmd, section)
-
-
-def _check_argv(argv: list[str], bare: list[str], template: str, section: str) -> None:
-    def moelab_args(av: list[str]) -> list[str] | None:
-        for i in range(len(av) - 1):
-            if av[i] == "-m" and av[i + 1] == "moelab.cli":
-                return av[i + 2:]
-        return None
-
-    args, bare_args = moelab_args(argv), moelab_args(bare)
-    if args is None:
-        return  # not a moelab command: nothing to check it against
-    if not args or args[0] not in COMMANDS:
-        raise MoelabError(f"commands.{template}: {args[0] if args else '(nothing)'!r} is not a moelab command "
-                          f"(known: {', '.join(COMMANDS)})")
-    verb = args[0]
-
-    def parse(av: list[str]) -> str | None:
-        p = _CheckParser(prog=f"moelab {verb}")
-        COMMANDS[verb][0](p)
-        try:
-            p.parse_args(av[1:])
-        except MoelabError as e:
-            return str(e)
-        return None
-
-    problem = parse(args)
-    if problem is None:
-        return
-    field = f"commands.{template}" if parse(bare_args or []) is not None else f"{section}.args"
-    raise MoelabError(f"{field}: `moelab {verb}` rejects its arguments: {problem}")
 
 
 def print_plan_table(rows: list[dict]) -> None:
@@ -232,10 +162,12 @@ def print_plan_table(rows: list[dict]) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo_study", metavar="STUDY", help="study directory (default: %(default)s; re-run to resume)")
+    p.add_argument("--out", default="demo_study", metavar="STUDY",
+                   help="study directory (default: %(default)s; re-run to resume)")
     grpo = p.add_mutually_exclusive_group()
     grpo.add_argument("--with-grpo", dest="with_grpo", action="store_true", default=None,
-                      help="post-train two configs with GRPO and evaluate them again (default: on when `moelab grpo` exists)")
+                      help="post-train two configs with GRPO and evaluate them again "
+                      "(default: on when `moelab grpo` exists)")
     grpo.add_argument("--no-grpo", dest="with_grpo", action="store_false", help="skip the GRPO stages")
     p.add_argument("--parallel", default="2", metavar="N", help="runs at once, one thread each (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live overview")
@@ -264,7 +196,8 @@ def _run_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-register("demo", "the miniature study: sweep → analyze → report on synthetic data (2-core CPU, minutes; docs/study.md)", _demo_args, _run_demo)
+register("demo", "the miniature study: sweep → analyze → report on synthetic data (2-core CPU, minutes; docs/study.md)",
+         _demo_args, _run_demo)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,11 +269,13 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", nargs="?", help="sweep spec YAML, or a packaged preset name (demo, paper)")
     p.add_argument("--out", metavar="STUDY", help="study directory (required; created; re-run to resume)")
     p.add_argument("--executor", default="local", metavar="NAME",
-                   help=f"where runs execute: {', '.join(executor_names())} (default: local; docs/study.md \"Executors\")")
+                   help=f"where runs execute: {', '.join(executor_names())} (default: local; docs/study.md)")
     p.add_argument("--parallel", metavar="N", help="runs at once (local default 1; ray: its CPUs; slurm: all)")
-    p.add_argument("--retry-failed", action="store_true", help="retry failed stages (default: report them, run the rest)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="retry failed stages (default: report them, run the rest)")
     p.add_argument("--dry-run", action="store_true", help="sync the registry and show what would run, run nothing")
-    p.add_argument("--status", action="store_true", help="print the study's registry overview and exit (no SPEC needed)")
+    p.add_argument("--status", action="store_true",
+                   help="print the study's registry overview and exit (no SPEC needed)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live overview")
 
 
@@ -351,6 +286,7 @@ def _run_sweep(a: argparse.Namespace) -> int:
     from .sweep.executors import get_executor
     from .sweep.orchestrator import run_sweep
     from .sweep.paths import check_output_dir
+    from .sweep.preflight import check_stage_commands
     from .sweep.registry import load_study
     from .sweep.spec import available_sweep_presets, load_spec
 
@@ -365,9 +301,9 @@ def _run_sweep(a: argparse.Namespace) -> int:
         raise MoelabError("sweep: give a SPEC (a YAML file or a preset: " + ", ".join(available_sweep_presets()) + ")")
     check_output_dir(a.out)
     spec = load_spec(a.spec)
-    check_stage_commands(spec, a.out)
-    report = run_sweep(spec, a.out, executor=a.executor, parallel=parallel, retry_failed=a.retry_failed, dry_run=a.dry_run,
-                       progress=None if not a.no_progress else False)
+    check_stage_commands(spec, a.out, _parsers())
+    report = run_sweep(spec, a.out, executor=a.executor, parallel=parallel, retry_failed=a.retry_failed,
+                       dry_run=a.dry_run, progress=None if not a.no_progress else False)
     print_study(report.runs)
     c = report.counts
     print(
@@ -381,7 +317,8 @@ def _run_sweep(a: argparse.Namespace) -> int:
     return 0 if report.ok or a.dry_run or report.handed_off else 1
 
 
-register("sweep", "run a study: every config of a spec through train → eval (→ post-train → eval), resumable", _sweep_args, _run_sweep)
+register("sweep", "run a study: every config of a spec through train → eval (→ post-train → eval), resumable",
+         _sweep_args, _run_sweep)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,10 +23,26 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "spec": ("DEFAULT_COMMANDS", "SweepSpec", "SweepSpecBase", "available_sweep_presets", "load_spec", "resolve_spec_path"),
+    "spec": (
+        "DEFAULT_COMMANDS",
+        "SweepSpec",
+        "SweepSpecBase",
+        "available_sweep_presets",
+        "load_spec",
+        "resolve_spec_path",
+    ),
     "plan": ("RunPlan", "plan_rows", "plan_sweep"),
     "paths": ("STAGES", "log_path", "stage_paths", "status_path"),
-    "registry": ("RUN_STATES", "STAGE_STATES", "Registry", "RunRow", "StageRow", "_SCHEMA", "load_study", "read_registry"),
+    "registry": (
+        "RUN_STATES",
+        "STAGE_STATES",
+        "Registry",
+        "RunRow",
+        "StageRow",
+        "_SCHEMA",
+        "load_study",
+        "read_registry",
+    ),
     "runner": ("RunJob", "Runner", "_error_from_log", "error_from_log", "execute_run"),
     "executors": ("EXECUTORS", "Executor", "get_executor"),
     "orchestrator": ("SweepReport", "_study_lock", "run_sweep", "study_lock"),

@@ -38,7 +38,16 @@ from ..config import DataConfig, RunConfig
 from ..errors import ConfigError, MoelabError
 from .display import Display, trust_note
 from .executors import Executor, ExecutorContext, Handle, WatchHandle, get_executor
-from .paths import check_output_dir, expand, make_output_dir, read_json, stage_paths, status_path, write_json, write_text_if_changed
+from .paths import (
+    check_output_dir,
+    expand,
+    make_output_dir,
+    read_json,
+    stage_paths,
+    status_path,
+    write_json,
+    write_text_if_changed,
+)
 from .plan import RunPlan, plan_sweep
 from .registry import Registry, load_study_from
 from .runner import RunJob, runner_alive, wait_for_orphan
@@ -57,7 +66,11 @@ class SweepReport:
 
     @property
     def ok(self) -> bool:
-        return self.counts.get("failed", 0) == 0 and self.counts.get("pending", 0) == 0 and self.counts.get("running", 0) == 0
+        return (
+            self.counts.get("failed", 0) == 0
+            and self.counts.get("pending", 0) == 0
+            and self.counts.get("running", 0) == 0
+        )
 
     @property
     def handed_off(self) -> bool:
@@ -79,7 +92,9 @@ def study_lock(study: Path) -> Iterator[None]:
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        raise MoelabError(f"{study}: another `moelab sweep` (pid {holder}) is working on this study; wait for it or stop it") from None
+        raise MoelabError(
+            f"{study}: another `moelab sweep` (pid {holder}) is working on this study; wait for it or stop it"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -103,14 +118,22 @@ def study_variables(study: Path, spec: SweepSpecBase) -> dict[str, str]:
     return {"STUDY": str(study), "SPEC_DIR": str(spec.spec_dir)}
 
 
+def spec_label(spec: SweepSpecBase) -> str:
+    """How errors name the spec: its file, or "spec" for one given as a dict."""
+    return str(spec._path) if spec._path is not None else "spec"
+
+
 def run_files(p: RunPlan, variables: dict[str, str]) -> dict[str, str]:
     """``train.yaml`` (the resolved RunConfig) and ``plan.json`` of a run, with every ``${VAR}`` expanded."""
-    cfg = expand(p.config, variables, "config")
+    cfg = expand(p.config, variables)
     RunConfig.parse(cfg, where=f"run {p.run_id}")
     info = {k: v for k, v in asdict(p).items() if k != "config"}
     info["eval_data_dir"] = expand(p.eval_data_dir, variables, "eval.data_dir")
     info["post_train_data_dir"] = expand(p.post_train_data_dir, variables, "post_train.data_dir")
-    return {"train.yaml": yaml.safe_dump(cfg, sort_keys=False), "plan.json": json.dumps(info, indent=1, default=str) + "\n"}
+    return {
+        "train.yaml": yaml.safe_dump(cfg, sort_keys=False),
+        "plan.json": json.dumps(info, indent=1, default=str) + "\n",
+    }
 
 
 def materialize_run(p: RunPlan, study: Path, variables: dict[str, str], files: dict[str, str] | None = None) -> Path:
@@ -122,8 +145,13 @@ def materialize_run(p: RunPlan, study: Path, variables: dict[str, str], files: d
     return run_dir
 
 
-def prepare_study_data(spec: SweepSpecBase, study: Path, variables: dict[str, str], progress: bool = True,
-                       log: Callable[[str], None] = print) -> None:
+def prepare_study_data(
+    spec: SweepSpecBase,
+    study: Path,
+    variables: dict[str, str],
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> None:
     """Generate the synthetic corpus (once per synthetic config) and, with ``prepare_data``, train the tokenizer and
     tokenize every source into the shared cache, so that parallel runs only read it."""
     root = spec.synthetic_root()
@@ -141,8 +169,10 @@ def prepare_study_data(spec: SweepSpecBase, study: Path, variables: dict[str, st
         cfg = DataConfig.parse(expand(spec.portable_data(), variables, "data"), where="data")
         t0 = time.perf_counter()
         ds = build_dataset(cfg, progress=progress)
-        log(f"data ready: {len(ds.sources)} source(s), tokenizer {ds.tokenizer.vocab_size} tokens, "
-            f"{ds.n_built} shard(s) built, {ds.n_reused} reused ({time.perf_counter() - t0:.1f} s)")
+        log(
+            f"data ready: {len(ds.sources)} source(s), tokenizer {ds.tokenizer.vocab_size} tokens, "
+            f"{ds.n_built} shard(s) built, {ds.n_reused} reused ({time.perf_counter() - t0:.1f} s)"
+        )
 
 
 def stage_availability(spec: SweepSpecBase) -> dict[str, str | None]:
@@ -175,8 +205,11 @@ def job_values(spec: SweepSpecBase, p: RunPlan, variables: dict[str, str], gpus:
         if spec.eval.self_consistency is not None:
             opts += ["--self-consistency", str(spec.eval.self_consistency)]
         opts += list(spec.eval.args)
-        v.update(eval_data_dir=expand(p.eval_data_dir, variables, "eval.data_dir"), tasks=",".join(spec.eval.tasks),
-                 eval_options=(" " + shlex.join(opts)) if opts else "")
+        v.update(
+            eval_data_dir=expand(p.eval_data_dir, variables, "eval.data_dir"),
+            tasks=",".join(spec.eval.tasks),
+            eval_options=(" " + shlex.join(opts)) if opts else "",
+        )
     if spec.post_train is not None:
         opts = []
         for key, val in spec.post_train.args.items():
@@ -185,19 +218,35 @@ def job_values(spec: SweepSpecBase, p: RunPlan, variables: dict[str, str], gpus:
                 opts += [flag] if val else []
             else:
                 opts += [flag, str(val)]
-        v.update(task=spec.post_train.task, post_train_data_dir=expand(p.post_train_data_dir, variables, "post_train.data_dir"),
-                 post_train_options=(" " + shlex.join(opts)) if opts else "")
+        v.update(
+            task=spec.post_train.task,
+            post_train_data_dir=expand(p.post_train_data_dir, variables, "post_train.data_dir"),
+            post_train_options=(" " + shlex.join(opts)) if opts else "",
+        )
     return v
 
 
-def make_job(spec: SweepSpecBase, p: RunPlan, study: Path, variables: dict[str, str], stages: list[str], gpus: int = 1,
-             threads: int | None = None) -> RunJob:
+def make_job(
+    spec: SweepSpecBase,
+    p: RunPlan,
+    study: Path,
+    variables: dict[str, str],
+    stages: list[str],
+    gpus: int = 1,
+    threads: int | None = None,
+) -> RunJob:
     """The JSON job a stage runner executes for ``stages`` of run ``p``."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
     return RunJob(
-        study_dir=str(study), run_id=p.run_id, run_dir=str(study / "runs" / p.run_id), stages=list(stages),
-        commands=spec.commands.model_dump(), values=job_values(spec, p, variables, gpus), stage_hashes=p.stage_hashes,
-        env=env, heartbeat_s=spec.heartbeat_s,
+        study_dir=str(study),
+        run_id=p.run_id,
+        run_dir=str(study / "runs" / p.run_id),
+        stages=list(stages),
+        commands=spec.commands.model_dump(),
+        values=job_values(spec, p, variables, gpus),
+        stage_hashes=p.stage_hashes,
+        env=env,
+        heartbeat_s=spec.heartbeat_s,
     )
 
 
@@ -242,16 +291,25 @@ def run_sweep(
     overrides the stage command templates (a test/cluster hook)."""
     spec = load_spec(spec)
     if commands:
-        spec = spec.model_copy(update={"commands": CommandsSpec.parse({**spec.commands.model_dump(), **commands}, where="commands")})
+        spec = spec.model_copy(
+            update={"commands": CommandsSpec.parse({**spec.commands.model_dump(), **commands}, where="commands")}
+        )
     ex_cls = get_executor(executor)
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
         raise ConfigError(f"--parallel: must be an integer >= 1 (got {parallel!r})")
     plans = plan_sweep(spec)
     study = check_output_dir(study_dir).resolve()
     variables = study_variables(study, spec)
-    files = {p.run_id: run_files(p, variables) for p in plans}  # every ${VAR} resolves before anything is written
+    try:  # every ${VAR} resolves before anything is written
+        files = {p.run_id: run_files(p, variables) for p in plans}
+    except ConfigError as e:
+        raise ConfigError(f"{spec_label(spec)}: {e}") from None
     avail = stage_availability(spec)
-    src = spec._path.read_text() if spec._path is not None else yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    src = (
+        spec._path.read_text()
+        if spec._path is not None
+        else yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    )
     make_output_dir(study)
     display = Display(len(plans), progress)
     with study_lock(study):
@@ -271,8 +329,16 @@ def run_sweep(
 class _Sweep:
     """One ``run_sweep`` call after the registry is in step with the spec: adopt, queue, drive the executor."""
 
-    def __init__(self, spec: SweepSpecBase, orch: StudyState, variables: dict[str, str], ex_cls: type[Executor],
-                 parallel: int | None, display: Display, poll_s: float):
+    def __init__(
+        self,
+        spec: SweepSpecBase,
+        orch: StudyState,
+        variables: dict[str, str],
+        ex_cls: type[Executor],
+        parallel: int | None,
+        display: Display,
+        poll_s: float,
+    ):
         self.spec, self.orch, self.variables, self.ex_cls = spec, orch, variables, ex_cls
         self.parallel, self.display, self.say, self.poll_s = parallel, display, display.say, poll_s
         self.ex: Executor | None = None
@@ -282,8 +348,14 @@ class _Sweep:
 
     def executor(self) -> Executor:
         if self.ex is None:
-            ctx = ExecutorContext(self.orch.study, self.spec.name, self.parallel, self.spec.section(self.ex_cls.name),
-                                  self.say, sys.executable)
+            ctx = ExecutorContext(
+                self.orch.study,
+                self.spec.name,
+                self.parallel,
+                self.spec.section(self.ex_cls.name),
+                self.say,
+                sys.executable,
+            )
             self.ex = self.ex_cls(ctx)
         return self.ex
 
@@ -297,7 +369,11 @@ class _Sweep:
                 if row["state"] != "running" or stage not in plan.stages:
                     continue
                 st = read_json(status_path(orch.run_dir(rid), stage)) or {}
-                if st.get("token") == row["token"] and st.get("state") == "running" and runner_alive(st, self.spec.heartbeat_s):
+                if (
+                    st.get("token") == row["token"]
+                    and st.get("state") == "running"
+                    and runner_alive(st, self.spec.heartbeat_s)
+                ):
                     who = f"pid {st.get('runner_pid')} on {st.get('host')}"
                     if self.ex_cls.waits_for_jobs:
                         self.active[rid] = WatchHandle(orch.run_dir(rid), stage, self.spec.heartbeat_s)
@@ -325,8 +401,10 @@ class _Sweep:
         queue = deque(rid for rid in orch.plans if rid not in busy and orch.remaining(rid))
         blocked = [rid for rid in orch.plans if orch.overall(rid) == "failed"]
         if blocked:
-            say(f"{len(blocked)} run(s) have failed stages and are not retried (use --retry-failed): "
-                f"{', '.join(blocked[:5])}{' ...' if len(blocked) > 5 else ''}")
+            say(
+                f"{len(blocked)} run(s) have failed stages and are not retried (use --retry-failed): "
+                f"{', '.join(blocked[:5])}{' ...' if len(blocked) > 5 else ''}"
+            )
         if dry_run:
             note = trust_note(self.spec)
             if note:
@@ -338,7 +416,9 @@ class _Sweep:
         if queue:
             self.executor()  # a missing scheduler (no SLURM, no Ray) is reported before the data is prepared
         if any("train" in orch.remaining(rid) for rid in queue):
-            prepare_study_data(self.spec, orch.study, self.variables, progress=self.display.console.is_terminal, log=say)
+            prepare_study_data(
+                self.spec, orch.study, self.variables, progress=self.display.console.is_terminal, log=say
+            )
         interrupted = self.drive(queue) if queue or self.active else False
         report = _report(orch, interrupted, sorted(self.elsewhere | self.handed_off))
         _write_summary(orch.study, orch.reg)
@@ -349,8 +429,15 @@ class _Sweep:
         if not stages:
             return
         ex = self.executor()
-        job = make_job(self.spec, self.orch.plans[rid], self.orch.study, self.variables, stages, ex.gpus_per_run,
-                       self.spec.threads_per_run or ex.threads_per_run)
+        job = make_job(
+            self.spec,
+            self.orch.plans[rid],
+            self.orch.study,
+            self.variables,
+            stages,
+            ex.gpus_per_run,
+            self.spec.threads_per_run or ex.threads_per_run,
+        )
         h = ex.submit(job)
         self.active[rid] = h
         with self.orch.reg.transaction():
@@ -380,7 +467,9 @@ class _Sweep:
             elif isinstance(h, WatchHandle):
                 orch.write_off_running(rid, "the job running it ended")
             if not stopping and orch.remaining(rid) and requeued.get(rid, 0) < 3 and not err:
-                requeued[rid] = requeued.get(rid, 0) + 1  # interrupted from outside (pre-emption) or a watched job ended
+                requeued[rid] = (
+                    requeued.get(rid, 0) + 1
+                )  # interrupted from outside (pre-emption) or a watched job ended
                 queue.append(rid)
             _write_summary(orch.study, orch.reg)
 

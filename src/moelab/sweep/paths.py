@@ -1,8 +1,8 @@
 """The study directory's layout and the small file helpers every part of the sweep shares (torch-free, stdlib only).
 
-    STUDY/registry.sqlite, spec.yaml, summary.json, cache/, data/, jobs/ (job files: moelab.sweep.runner)
-    STUDY/runs/<run_id>/train.yaml, plan.json, train/, eval/RESULT.json, grpo/model/, grpo/after/RESULT.json,
-                        logs/<stage>.log, logs/<stage>.status.json
+STUDY/registry.sqlite, spec.yaml, summary.json, cache/, data/, jobs/ (job files: moelab.sweep.runner)
+STUDY/runs/<run_id>/train.yaml, plan.json, train/, eval/RESULT.json, grpo/model/, grpo/after/RESULT.json,
+                    logs/<stage>.log, logs/<stage>.status.json
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ def derive_model(spec: SweepSpecBase, pt: dict[str, Any], where: str) -> ModelCo
     if n_heads is None:  # paper style: as many heads of head_dim (128) as fit d
         hd = int(head_dim or 128)
         if d % hd:
-            raise ConfigError(f"{where}: d ({d}) must be a multiple of model.head_dim ({hd}); set model.head_dim or n_heads")
+            raise ConfigError(
+                f"{where}: d ({d}) must be a multiple of model.head_dim ({hd}); set model.head_dim or n_heads"
+            )
         n_heads, head_dim = d // hd, None
     cfg = {
         **base,
@@ -111,8 +113,12 @@ def plan_sweep(spec: SweepSpecBase | str | Path | dict[str, Any]) -> list[RunPla
     for pt in spec.points():
         label = f"run d={pt['d']} L={pt.get('L') or spec.model.get('n_layers', 16)} E={pt['E']} k={pt['k']}"
         mcfg = derive_model(spec, pt, label)
-        resolved = {**pt, "L": mcfg.n_layers, "lr": pt.get("lr") or TrainConfig.parse({**spec.train, "train_tokens": 1.0}).lr,
-                    "init_std": mcfg.init_std}
+        resolved = {
+            **pt,
+            "L": mcfg.n_layers,
+            "lr": pt.get("lr") or TrainConfig.parse({**spec.train, "train_tokens": 1.0}).lr,
+            "init_std": mcfg.init_std,
+        }
         run_stages = [s for s in stages if s not in ("post_train", "eval_post") or spec.post_train.selects(resolved)]
         fpt = account(mcfg, train_tokens=1.0, seq_len=seq).flops_per_token
         for C in spec.budget.flops or [None]:
@@ -131,16 +137,25 @@ def plan_sweep(spec: SweepSpecBase | str | Path | dict[str, Any]) -> list[RunPla
             warmup = rc.train.warmup if isinstance(rc.train.warmup, int) else round(rc.train.warmup * steps)
             if warmup > steps:
                 raise ConfigError(
-                    f"{label}: train.warmup ({warmup} steps) exceeds the run's {steps} steps; lower it or give a fraction"
+                    f"{label}: train.warmup ({warmup} steps) exceeds the run's {steps} steps; "
+                    "lower it or give a fraction"
                 )
             acc = account(mcfg, train_tokens=steps * tokens_per_step, seq_len=seq)
-            if spec.budget.tpp_range is not None and not spec.budget.tpp_range[0] <= acc.tpp <= spec.budget.tpp_range[1]:
+            if (
+                spec.budget.tpp_range is not None
+                and not spec.budget.tpp_range[0] <= acc.tpp <= spec.budget.tpp_range[1]
+            ):
                 continue
             h = config_hash(rc)
             run_id = f"d{mcfg.d_model}-E{mcfg.n_experts}-k{mcfg.top_k}-{h[:8]}"
             if run_id in plans:
                 continue
-            stage_hashes = {"train": h, "eval": eval_hash, "post_train": post_hash, "eval_post": stable_hash([eval_hash, post_hash])}
+            stage_hashes = {
+                "train": h,
+                "eval": eval_hash,
+                "post_train": post_hash,
+                "eval_post": stable_hash([eval_hash, post_hash]),
+            }
             plans[run_id] = RunPlan(
                 run_id=run_id,
                 config_hash=h,

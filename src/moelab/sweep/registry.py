@@ -32,16 +32,17 @@ RUN_STATES: tuple[str, ...] = ("pending", "running", "completed", "failed")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, status TEXT NOT NULL DEFAULT 'pending', config_hash TEXT NOT NULL, name TEXT, d_model INTEGER, n_layers INTEGER,
-    n_experts INTEGER, top_k INTEGER, lr REAL, init_std REAL, total_params INTEGER, active_params INTEGER,
-    train_tokens REAL, tpp REAL, train_flops REAL, budget_flops REAL, steps INTEGER, run_dir TEXT,
-    stages TEXT, plan TEXT, in_spec INTEGER NOT NULL DEFAULT 1, job TEXT,
-    train_loss REAL, val_loss REAL, eval_results TEXT, eval_metrics TEXT, post_eval_results TEXT, post_eval_metrics TEXT,
-    created_at REAL, updated_at REAL);
+    run_id TEXT PRIMARY KEY, status TEXT NOT NULL DEFAULT 'pending', config_hash TEXT NOT NULL, name TEXT,
+    d_model INTEGER, n_layers INTEGER, n_experts INTEGER, top_k INTEGER, lr REAL, init_std REAL,
+    total_params INTEGER, active_params INTEGER, train_tokens REAL, tpp REAL, train_flops REAL, budget_flops REAL,
+    steps INTEGER, run_dir TEXT, stages TEXT, plan TEXT, in_spec INTEGER NOT NULL DEFAULT 1, job TEXT,
+    train_loss REAL, val_loss REAL, eval_results TEXT, eval_metrics TEXT, post_eval_results TEXT,
+    post_eval_metrics TEXT, created_at REAL, updated_at REAL);
 CREATE TABLE IF NOT EXISTS stages (
-    run_id TEXT NOT NULL, stage TEXT NOT NULL, state TEXT NOT NULL, stage_hash TEXT, attempts INTEGER NOT NULL DEFAULT 0,
-    completions INTEGER NOT NULL DEFAULT 0, token TEXT, started_at REAL, finished_at REAL, error TEXT, command TEXT,
-    log_path TEXT, artifact TEXT, metrics TEXT, updated_at REAL, PRIMARY KEY (run_id, stage));
+    run_id TEXT NOT NULL, stage TEXT NOT NULL, state TEXT NOT NULL, stage_hash TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0, completions INTEGER NOT NULL DEFAULT 0, token TEXT, started_at REAL,
+    finished_at REAL, error TEXT, command TEXT, log_path TEXT, artifact TEXT, metrics TEXT, updated_at REAL,
+    PRIMARY KEY (run_id, stage));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, run_id TEXT, stage TEXT, event TEXT NOT NULL,
     attempt INTEGER, detail TEXT);
@@ -95,22 +96,44 @@ class Registry:
         return {r["stage"]: dict(r) for r in self.db.execute("SELECT * FROM stages WHERE run_id = ?", (run_id,))}
 
     def events(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        q, args = ("SELECT * FROM events WHERE run_id = ? ORDER BY id", (run_id,)) if run_id else ("SELECT * FROM events ORDER BY id", ())
+        q, args = (
+            ("SELECT * FROM events WHERE run_id = ? ORDER BY id", (run_id,))
+            if run_id
+            else ("SELECT * FROM events ORDER BY id", ())
+        )
         return [dict(r) for r in self.db.execute(q, args)]
 
     def upsert_run(self, p: Any, run_dir: Path) -> bool:
         """Insert a new run (True) or refresh an existing one's plan; marks it part of the current spec."""
         a, now = p.accounting, time.time()
         values = dict(
-            config_hash=p.config_hash, name=p.name, d_model=a["d_model"], n_layers=a["n_layers"], n_experts=a["n_experts"],
-            top_k=a["top_k"], lr=p.row()["lr"], init_std=p.row()["init_std"], total_params=a["total_params"],
-            active_params=a["active_params"], train_tokens=a["train_tokens"], tpp=a["tpp"], train_flops=a["train_flops"],
-            budget_flops=p.budget_flops, steps=p.steps, run_dir=str(run_dir), stages=json.dumps(p.stages),
-            plan=json.dumps(p.row(), default=str), in_spec=1, updated_at=now,
+            config_hash=p.config_hash,
+            name=p.name,
+            d_model=a["d_model"],
+            n_layers=a["n_layers"],
+            n_experts=a["n_experts"],
+            top_k=a["top_k"],
+            lr=p.row()["lr"],
+            init_std=p.row()["init_std"],
+            total_params=a["total_params"],
+            active_params=a["active_params"],
+            train_tokens=a["train_tokens"],
+            tpp=a["tpp"],
+            train_flops=a["train_flops"],
+            budget_flops=p.budget_flops,
+            steps=p.steps,
+            run_dir=str(run_dir),
+            stages=json.dumps(p.stages),
+            plan=json.dumps(p.row(), default=str),
+            in_spec=1,
+            updated_at=now,
         )
         if self.run(p.run_id) is None:
             cols = ["run_id", *values, "created_at"]
-            self.db.execute(f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", (p.run_id, *values.values(), now))
+            self.db.execute(
+                f"INSERT INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                (p.run_id, *values.values(), now),
+            )
             self.event(p.run_id, None, "added")
             return True
         self.update_run(p.run_id, **values)
@@ -118,11 +141,14 @@ class Registry:
 
     def update_run(self, run_id: str, **fields: Any) -> None:
         fields.setdefault("updated_at", time.time())
-        self.db.execute(f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE run_id = ?", (*fields.values(), run_id))
+        self.db.execute(
+            f"UPDATE runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE run_id = ?", (*fields.values(), run_id)
+        )
 
     def ensure_stage(self, run_id: str, stage: str, stage_hash: str) -> None:
         self.db.execute(
-            "INSERT OR IGNORE INTO stages (run_id, stage, state, stage_hash, updated_at) VALUES (?, ?, 'pending', ?, ?)",
+            "INSERT OR IGNORE INTO stages (run_id, stage, state, stage_hash, updated_at) "
+            "VALUES (?, ?, 'pending', ?, ?)",
             (run_id, stage, stage_hash, time.time()),
         )
 
@@ -133,12 +159,13 @@ class Registry:
             (*fields.values(), run_id, stage),
         )
 
-    def event(self, run_id: str | None, stage: str | None, event: str, attempt: int | None = None, detail: str | None = None) -> None:
+    def event(
+        self, run_id: str | None, stage: str | None, event: str, attempt: int | None = None, detail: str | None = None
+    ) -> None:
         self.db.execute(
             "INSERT INTO events (time, run_id, stage, event, attempt, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (time.time(), run_id, stage, event, attempt, detail),
         )
-
 
 
 def _connect_ro(path: Path) -> sqlite3.Connection:
@@ -276,8 +303,14 @@ def read_registry(study: str | Path) -> list[RunRow]:
         out = []
         for r in db.execute("SELECT * FROM runs ORDER BY created_at, rowid"):
             d = {k: r[k] for k in _RUN_FIELDS}
-            d.update(in_spec=bool(d["in_spec"]), run_dir=Path(d["run_dir"]), stages=tuple(_json(d["stages"]) or ()),
-                     plan=_json(d["plan"]) or {}, eval_metrics=_json(d["eval_metrics"]), post_eval_metrics=_json(d["post_eval_metrics"]))
+            d.update(
+                in_spec=bool(d["in_spec"]),
+                run_dir=Path(d["run_dir"]),
+                stages=tuple(_json(d["stages"]) or ()),
+                plan=_json(d["plan"]) or {},
+                eval_metrics=_json(d["eval_metrics"]),
+                post_eval_metrics=_json(d["post_eval_metrics"]),
+            )
             mine = stages.get(d["run_id"], {})
             out.append(RunRow(**d, stage_states={s: mine[s] for s in d["stages"] if s in mine}))
         return out

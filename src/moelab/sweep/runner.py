@@ -65,11 +65,14 @@ class RunJob:
         except ValueError as e:
             raise MoelabError(f"{where}: not a JSON job file ({e})") from None
         if not isinstance(data, dict) or data.pop("format", None) != JOB_FORMAT:
-            raise MoelabError(f"{where}: not a moelab sweep job (expected \"format\": \"{JOB_FORMAT}\")")
+            raise MoelabError(f'{where}: not a moelab sweep job (expected "format": "{JOB_FORMAT}")')
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
-        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in data]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data
+        ]
         if unknown or missing:
             raise MoelabError(f"{where}: {'unknown key ' + unknown[0] if unknown else 'missing key ' + missing[0]}")
         job = cls(**data)
@@ -123,11 +126,17 @@ def stage_argv(job: RunJob, stage: str, variant: str = "run") -> list[str]:
     if stage == "eval":
         values.update(out=str(paths["eval"]), options=job.values.get("eval_options", ""))
     elif stage == "post_train":
-        values.update(out=str(paths["post_train"]), data_dir=job.values.get("post_train_data_dir", ""),
-                      options=job.values.get("post_train_options", ""))
+        values.update(
+            out=str(paths["post_train"]),
+            data_dir=job.values.get("post_train_data_dir", ""),
+            options=job.values.get("post_train_options", ""),
+        )
     elif stage == "eval_post":
-        values.update(out=str(paths["eval_post"]), model_dir=str(post_trained_model(job.run_dir)),
-                      options=job.values.get("eval_options", ""))
+        values.update(
+            out=str(paths["eval_post"]),
+            model_dir=str(post_trained_model(job.run_dir)),
+            options=job.values.get("eval_options", ""),
+        )
     quoted = {k: v if k in ("moelab", "python", "options") else shlex.quote(v) for k, v in values.items()}
     template = job.commands["train_resume" if variant == "resume" else {"eval_post": "eval"}.get(stage, stage)]
     return shlex.split(template.format(**quoted))
@@ -258,7 +267,11 @@ class Runner:
         status records (also written to ``logs/<stage>.status.json``)."""
         for stage in job.stages:
             st = read_json(status_path(job.run_dir, stage)) or {}
-            if st.get("state") == "running" and st.get("runner_pid") != os.getpid() and runner_alive(st, job.heartbeat_s):
+            if (
+                st.get("state") == "running"
+                and st.get("runner_pid") != os.getpid()
+                and runner_alive(st, job.heartbeat_s)
+            ):
                 raise RunnerBusy(f"{job.run_id} {stage} is being run by pid {st.get('runner_pid')} on {st.get('host')}")
         results = []
         with _run_lock(job):
@@ -278,14 +291,31 @@ class Runner:
         spath, lpath = status_path(run_dir, stage), log_path(run_dir, stage)
         spath.parent.mkdir(parents=True, exist_ok=True)
         done = read_json(spath)
-        if (isinstance(done, dict) and done.get("state") == "completed" and done.get("stage_hash") == job.stage_hashes.get(stage)
-                and stage_output_problem(run_dir, stage) is None):
+        if (
+            isinstance(done, dict)
+            and done.get("state") == "completed"
+            and done.get("stage_hash") == job.stage_hashes.get(stage)
+            and stage_output_problem(run_dir, stage) is None
+        ):
             return done  # a re-run job file (shell executor): this stage finished before; nothing is redone
         st: dict[str, Any] = {
-            "run_id": job.run_id, "stage": stage, "stage_hash": job.stage_hashes.get(stage), "token": uuid.uuid4().hex,
-            "state": "running", "host": socket.gethostname(), "runner_pid": os.getpid(), "child_pid": None,
-            "started_at": time.time(), "heartbeat": time.time(), "finished_at": None, "returncode": None,
-            "error": None, "command": None, "log": str(lpath), "adopted": False, "variant": None,
+            "run_id": job.run_id,
+            "stage": stage,
+            "stage_hash": job.stage_hashes.get(stage),
+            "token": uuid.uuid4().hex,
+            "state": "running",
+            "host": socket.gethostname(),
+            "runner_pid": os.getpid(),
+            "child_pid": None,
+            "started_at": time.time(),
+            "heartbeat": time.time(),
+            "finished_at": None,
+            "returncode": None,
+            "error": None,
+            "command": None,
+            "log": str(lpath),
+            "adopted": False,
+            "variant": None,
         }
         variant = "run"
         if stage == "train":
@@ -304,14 +334,29 @@ class Runner:
             shutil.rmtree(paths["post_train"])
         argv = stage_argv(job, stage, variant)
         st.update(command=shlex.join(argv), variant=variant)
-        env = {**os.environ, **job.env, "PYTHONUNBUFFERED": "1", "MOELAB_SWEEP_RUN_ID": job.run_id, "MOELAB_SWEEP_STAGE": stage}
-        launch = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv] if sys.platform.startswith("linux") else argv
+        env = {
+            **os.environ,
+            **job.env,
+            "PYTHONUNBUFFERED": "1",
+            "MOELAB_SWEEP_RUN_ID": job.run_id,
+            "MOELAB_SWEEP_STAGE": stage,
+        }
+        launch = (
+            [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *argv]
+            if sys.platform.startswith("linux")
+            else argv
+        )
         with open(lpath, "ab") as logf:
             since = logf.tell()
-            logf.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage} ({variant}) on {st['host']}: {st['command']}\n".encode())
+            logf.write(
+                f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {stage} ({variant}) on {st['host']}: "
+                f"{st['command']}\n".encode()
+            )
             logf.flush()
             try:
-                proc = subprocess.Popen(launch, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=run_dir, env=env)
+                proc = subprocess.Popen(
+                    launch, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=run_dir, env=env
+                )
             except OSError as e:
                 st.update(state="failed", error=f"cannot start {argv[0]}: {e}", finished_at=time.time())
                 write_json(spath, st)
@@ -327,7 +372,11 @@ class Runner:
                     self._live.pop(proc.pid, None)
         rc = proc.returncode
         problem = stage_output_problem(run_dir, stage) if rc == 0 else None
-        stopped = stage == "train" and rc == 0 and (read_json(paths["train_dir"] / "run.json") or {}).get("status") == "stopped"
+        stopped = (
+            stage == "train"
+            and rc == 0
+            and (read_json(paths["train_dir"] / "run.json") or {}).get("status") == "stopped"
+        )
         if rc == 0 and problem is None:
             state, error = "completed", None
         elif self.stop_requested.is_set() or stopped:
@@ -376,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     stopped (SIGTERM/SIGINT: the running stage checkpoints first; a second signal kills it), 2 on a bad job file."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m moelab.sweep.runner JOB.json  (written by `moelab sweep ... --executor shell`)",
-              file=sys.stderr if args[:1] not in (["-h"], ["--help"]) else sys.stdout)
+        print(
+            "usage: python -m moelab.sweep.runner JOB.json  (written by `moelab sweep ... --executor shell`)",
+            file=sys.stderr if args[:1] not in (["-h"], ["--help"]) else sys.stdout,
+        )
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
     runner = Runner()
     signals = {"n": 0}

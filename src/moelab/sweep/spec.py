@@ -39,11 +39,26 @@ PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # inf/nan b
 DEFAULT_COMMANDS: dict[str, str] = {
     "train": "{moelab} train {config} --out {train_dir}",
     "train_resume": "{moelab} train --resume {train_dir}",
-    "eval": "{moelab} eval --model {model_dir} --tasks {tasks} --data-dir {data_dir} --out {out} --no-progress{options}",
+    "eval": (
+        "{moelab} eval --model {model_dir} --tasks {tasks} --data-dir {data_dir} --out {out} --no-progress{options}"
+    ),
     "post_train": "{moelab} grpo --model {model_dir} --task {task} --data-dir {data_dir} --out {out}{options}",
 }
-PLACEHOLDERS = ("moelab", "python", "config", "train_dir", "run_dir", "run_id", "model_dir", "out", "data_dir",
-                "tasks", "task", "gpus", "options")
+PLACEHOLDERS = (
+    "moelab",
+    "python",
+    "config",
+    "train_dir",
+    "run_dir",
+    "run_id",
+    "model_dir",
+    "out",
+    "data_dir",
+    "tasks",
+    "task",
+    "gpus",
+    "options",
+)
 _POINT_MODEL_KEYS = {"d_model": "d", "n_experts": "E", "top_k": "k"}  # set per run from the grid, never in `model:`
 SELECT_KEYS = ("d", "L", "E", "k", "lr", "init_std")  # what post_train.only may match on
 _SWEEP_SET_GRPO_FLAGS = ("model", "task", "data_dir", "out")  # `moelab grpo` flags the sweep fills in itself
@@ -196,7 +211,9 @@ class CommandsSpec(StrictModel):
             try:
                 argv = shlex.split(getattr(self, name).format(**dummy))
             except KeyError as e:
-                raise ValueError(f"commands.{name}: unknown placeholder {{{e.args[0]}}} (known: {', '.join(PLACEHOLDERS)})") from None
+                raise ValueError(
+                    f"commands.{name}: unknown placeholder {{{e.args[0]}}} (known: {', '.join(PLACEHOLDERS)})"
+                ) from None
             except (ValueError, IndexError) as e:
                 raise ValueError(f"commands.{name}: malformed template ({e})") from None
             if not argv:
@@ -252,7 +269,12 @@ class SweepSpecBase(StrictModel):
             raise ValueError(str(e)) from None
         if self.eval is not None and self.eval.data_dir is None and self.synthetic is None:
             raise ValueError("eval.data_dir: required (there is no `synthetic:` data to default to)")
-        if self.post_train is not None and self.post_train.data_dir is None and self.eval is None and self.synthetic is None:
+        if (
+            self.post_train is not None
+            and self.post_train.data_dir is None
+            and self.eval is None
+            and self.synthetic is None
+        ):
             raise ValueError("post_train.data_dir: required")
         self._check_tasks()
         if self.post_train is not None and moelab_verb(self.commands.post_train) == "grpo":
@@ -271,8 +293,10 @@ class SweepSpecBase(StrictModel):
         for i, name in enumerate(self.eval.tasks if self.eval else []):
             known(name, f"eval.tasks.{i}")
         if self.post_train is not None and known(self.post_train.task, "post_train.task").grpo_train is None:
-            raise ValueError(f"post_train.task: GRPO cannot train on {self.post_train.task!r}: it has no training "
-                             f"prompts (tasks GRPO can train on: {', '.join(grpo_tasks())})")
+            raise ValueError(
+                f"post_train.task: GRPO cannot train on {self.post_train.task!r}: it has no training "
+                f"prompts (tasks GRPO can train on: {', '.join(grpo_tasks())})"
+            )
 
     # --- derived values ---
 
@@ -313,7 +337,9 @@ class SweepSpecBase(StrictModel):
         tok = data.get("tokenizer")
         if isinstance(tok, dict) and isinstance(tok.get("path"), str):
             tok["path"] = _portable_path(tok["path"], "${SPEC_DIR}")
-        data["cache_dir"] = _portable_path(data["cache_dir"], "${SPEC_DIR}") if data.get("cache_dir") else "${STUDY}/cache"
+        data["cache_dir"] = (
+            _portable_path(data["cache_dir"], "${SPEC_DIR}") if data.get("cache_dir") else "${STUDY}/cache"
+        )
         return data
 
     def eval_data_dir(self) -> str | None:
@@ -374,7 +400,9 @@ def stable_hash(obj: Any) -> str:
 
 def available_sweep_presets() -> list[str]:
     files = resources.files("moelab").joinpath("presets")
-    return sorted(p.name[len("sweep_") : -5] for p in files.iterdir() if p.name.startswith("sweep_") and p.name.endswith(".yaml"))
+    return sorted(
+        p.name[len("sweep_") : -5] for p in files.iterdir() if p.name.startswith("sweep_") and p.name.endswith(".yaml")
+    )
 
 
 def resolve_spec_path(spec: str | Path) -> Path:
@@ -394,7 +422,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     try:
         return load_yaml(path)
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start : e.start + 1]!r})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the spec ({e.strerror or e})") from None
 

@@ -20,6 +20,7 @@ from .plan import RunPlan
 from .registry import Registry
 from .spec import SweepSpecBase
 
+
 def collect_metrics(stage: str, run_dir: Path) -> dict[str, Any]:
     """The registry's summary of a completed stage (small: key numbers and where the full results are)."""
     paths = stage_paths(run_dir)
@@ -88,8 +89,14 @@ class StudyState:
                 continue
             attempts = row["attempts"] + (1 if new and not st.get("adopted") else 0)
             fields: dict[str, Any] = dict(
-                token=st.get("token"), state=state, attempts=attempts, started_at=st.get("started_at"),
-                finished_at=st.get("finished_at"), error=st.get("error"), command=st.get("command"), log_path=st.get("log"),
+                token=st.get("token"),
+                state=state,
+                attempts=attempts,
+                started_at=st.get("started_at"),
+                finished_at=st.get("finished_at"),
+                error=st.get("error"),
+                command=st.get("command"),
+                log_path=st.get("log"),
             )
             with self.reg.transaction():
                 if new and st.get("adopted"):
@@ -98,14 +105,24 @@ class StudyState:
                     self.reg.event(run_id, stage, "started", attempts, st.get("variant"))
                 if state == "completed":
                     metrics = collect_metrics(stage, self.run_dir(run_id))
-                    fields.update(completions=row["completions"] + 1, metrics=json.dumps(metrics), artifact=metrics.get("results") or metrics.get("final_dir") or metrics.get("model_dir"))
+                    fields.update(
+                        completions=row["completions"] + 1,
+                        metrics=json.dumps(metrics),
+                        artifact=metrics.get("results") or metrics.get("final_dir") or metrics.get("model_dir"),
+                    )
                     self.reg.update_run(run_id, **run_fields(stage, metrics))
                     self.reg.event(run_id, stage, "completed", attempts)
                 elif state in ("failed", "pending"):
-                    self.reg.event(run_id, stage, "failed" if state == "failed" else "interrupted", attempts, st.get("error"))
+                    self.reg.event(
+                        run_id, stage, "failed" if state == "failed" else "interrupted", attempts, st.get("error")
+                    )
                 self.reg.update_stage(run_id, stage, **fields)
             if state != "running" or new:
-                took = f" in {st['finished_at'] - st['started_at']:.1f} s" if st.get("finished_at") and st.get("started_at") else ""
+                took = (
+                    f" in {st['finished_at'] - st['started_at']:.1f} s"
+                    if st.get("finished_at") and st.get("started_at")
+                    else ""
+                )
                 word = {"pending": "interrupted", "running": f"started ({st.get('variant')})"}.get(state, state)
                 extra = f": {st.get('error')}" if state == "failed" else ""
                 self.say(f"{run_id} {stage} {word}{took if state != 'running' else ''}{extra}")
@@ -123,7 +140,9 @@ class StudyState:
         for stage, row in self.reg.stages(run_id).items():
             if row["state"] == "running":
                 with self.reg.transaction():
-                    self.reg.update_stage(run_id, stage, state=state, error=f"{word}: {reason}", finished_at=time.time())
+                    self.reg.update_stage(
+                        run_id, stage, state=state, error=f"{word}: {reason}", finished_at=time.time()
+                    )
                     self.reg.event(run_id, stage, word, row["attempts"], reason)
                 self.say(f"{run_id} {stage} {word}: {reason}")
         self.set_status(run_id)
@@ -161,8 +180,14 @@ def run_fields(stage: str, m: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def sync_registry(reg: Registry, spec: SweepSpecBase, plans: list[RunPlan], study: Path, avail: dict[str, str | None],
-                  say: Callable[[str], None]) -> None:
+def sync_registry(
+    reg: Registry,
+    spec: SweepSpecBase,
+    plans: list[RunPlan],
+    study: Path,
+    avail: dict[str, str | None],
+    say: Callable[[str], None],
+) -> None:
     """Add new runs and stages; re-open stages whose settings changed (and everything after them); retire runs the
     spec no longer lists; mark stages skipped/available according to the installed commands."""
     with reg.transaction():
@@ -184,7 +209,16 @@ def sync_registry(reg: Registry, spec: SweepSpecBase, plans: list[RunPlan], stud
                     for path in (status_path(run_dir, stage), stage_paths(run_dir).get(stage)):
                         if path is not None and path.exists():
                             shutil.rmtree(path) if path.is_dir() else path.unlink()
-                    reg.update_stage(p.run_id, stage, state="pending", stage_hash=h, token=None, error=None, metrics=None, artifact=None)
+                    reg.update_stage(
+                        p.run_id,
+                        stage,
+                        state="pending",
+                        stage_hash=h,
+                        token=None,
+                        error=None,
+                        metrics=None,
+                        artifact=None,
+                    )
                     reg.event(p.run_id, stage, "reopened", row["attempts"], "its settings changed")
                     reg.update_run(p.run_id, **{k: None for k in run_fields(stage, {})})
                     row = reg.stages(p.run_id)[stage]

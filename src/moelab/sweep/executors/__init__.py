@@ -12,7 +12,9 @@ from .ray import RayExecutor
 from .shell import ShellExecutor
 from .slurm import SlurmExecutor
 
-EXECUTORS: dict[str, type[Executor]] = {cls.name: cls for cls in (LocalExecutor, SlurmExecutor, RayExecutor, ShellExecutor)}
+EXECUTORS: dict[str, type[Executor]] = {
+    cls.name: cls for cls in (LocalExecutor, SlurmExecutor, RayExecutor, ShellExecutor)
+}
 
 
 def get_executor(name: str) -> type[Executor]:

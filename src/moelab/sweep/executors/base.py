@@ -4,7 +4,7 @@ executor" and ``shell.py`` for a worked example.
 
 The orchestrator calls, in this order::
 
-    ex = cls(ctx)                  # cls = EXECUTORS[--executor]; ctx: study dir, --parallel, this executor's spec section
+    ex = cls(ctx)                  # cls = EXECUTORS[--executor]; ctx: study, --parallel, its spec section
     ex.capacity                    # how many runs it keeps in flight at once
     ex.gpus_per_run                # the {gpus} placeholder of the stage commands (torchrun --nproc-per-node {gpus})
     ex.threads_per_run             # default OMP/MKL threads per stage (None: leave unset); spec.threads_per_run wins

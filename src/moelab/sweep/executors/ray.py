@@ -42,7 +42,9 @@ class RayExecutor:
         if not ray.is_initialized():
             kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
             if spec.address is None:
-                kwargs["num_cpus"] = spec.num_cpus or max(1, math.ceil((ctx.parallel or os.cpu_count() or 1) * spec.cpus_per_run))
+                kwargs["num_cpus"] = spec.num_cpus or max(
+                    1, math.ceil((ctx.parallel or os.cpu_count() or 1) * spec.cpus_per_run)
+                )
             else:
                 kwargs["address"] = spec.address
             ray.init(**kwargs)

@@ -48,14 +48,27 @@ class SlurmExecutor:
         try:
             self.ex = submitit.AutoExecutor(folder=str(ctx.study / "submitit"), cluster=spec.cluster)
         except RuntimeError as e:
-            raise MoelabError(f"--executor slurm: no SLURM found ({e}); set slurm.cluster: local to run through submitit locally") from None
-        params: dict[str, Any] = dict(timeout_min=spec.time_min, gpus_per_node=spec.gpus_per_node, cpus_per_task=spec.cpus_per_task,
-                                      mem_gb=spec.mem_gb, name=f"moelab-{ctx.spec_name}", nodes=1, tasks_per_node=1)
+            raise MoelabError(
+                f"--executor slurm: no SLURM found ({e}); set slurm.cluster: local to run through submitit locally"
+            ) from None
+        params: dict[str, Any] = dict(
+            timeout_min=spec.time_min,
+            gpus_per_node=spec.gpus_per_node,
+            cpus_per_task=spec.cpus_per_task,
+            mem_gb=spec.mem_gb,
+            name=f"moelab-{ctx.spec_name}",
+            nodes=1,
+            tasks_per_node=1,
+        )
         cluster = self.ex.cluster
         if cluster == "slurm":
             params.update(
-                slurm_partition=spec.partition, slurm_account=spec.account, slurm_qos=spec.qos, slurm_constraint=spec.constraint,
-                slurm_setup=list(spec.setup) or None, slurm_additional_parameters=dict(spec.additional) or None,
+                slurm_partition=spec.partition,
+                slurm_account=spec.account,
+                slurm_qos=spec.qos,
+                slurm_constraint=spec.constraint,
+                slurm_setup=list(spec.setup) or None,
+                slurm_additional_parameters=dict(spec.additional) or None,
             )
         elif cluster == "local" and spec.setup:
             params["local_setup"] = list(spec.setup)
