@@ -1,6 +1,7 @@
 """Executors: where a run's stage runner executes (protocol and how to add one: ``base.py``, docs/study.md
 "Adding an executor"). This dict is the registry: ``--executor NAME`` picks ``EXECUTORS[NAME]``, and the spec key
-``NAME:`` holds that executor's section (its ``Spec``), so adding an executor is one new module and one line here.
+``NAME:`` holds that executor's section (its ``Spec``), so adding an executor is one new module plus its import and
+its entry in the tuple below.
 """
 
 from __future__ import annotations

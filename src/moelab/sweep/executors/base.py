@@ -23,6 +23,7 @@ section's fields that run as shell code (shown to the user by ``--dry-run`` and 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
@@ -41,7 +42,7 @@ class ExecutorContext:
     parallel: int | None  # --parallel (None: the executor's default)
     section: Any = None  # this executor's parsed spec section (an instance of its Spec), or None
     say: Callable[[str], None] = print  # one timestamped line for the user
-    python: str = field(default="")  # the interpreter the orchestrator runs (default for job scripts)
+    python: str = field(default_factory=lambda: sys.executable)  # the orchestrator's interpreter (for job scripts)
 
 
 class Handle:
