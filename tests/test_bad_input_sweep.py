@@ -201,3 +201,24 @@ def test_python_api_errors(tmp_path):
     (tmp_path / "registry.sqlite").write_bytes(b"not sqlite at all, just bytes" * 10)
     assert_api_error(lambda: read_registry(tmp_path), "registry.sqlite")
     assert not (tmp_path / "s").exists()
+
+
+def test_preflight_uses_whatever_parsers_it_is_given(tmp_path):
+    """check_stage_commands parses with the subcommands' own argument declarations, also those that print their
+    own one-line errors (`p.exit(2, "moelab: error: …")`), and names the spec field at fault."""
+    import argparse
+
+    from moelab.cli import COMMANDS
+    from moelab.sweep import load_spec
+    from moelab.sweep.preflight import check_stage_commands
+
+    def one_line_train(p: argparse.ArgumentParser) -> None:
+        p.error = lambda message: p.exit(2, f"moelab: error: train: {message}\n")
+        COMMANDS["train"][0](p)
+
+    parsers = {name: add for name, (add, _, _) in COMMANDS.items()} | {"train": one_line_train}
+    good = load_spec(write_spec(tmp_path))
+    check_stage_commands(good, None, parsers)
+    bad = load_spec(write_spec(tmp_path, {"commands": {"train": "{moelab} train {config} --outt {train_dir}"}}))
+    msg = assert_api_error(lambda: check_stage_commands(bad, None, parsers), ["commands.train", "train: unrecognized"])
+    assert msg.count("moelab: error") == 0

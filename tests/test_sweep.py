@@ -556,18 +556,42 @@ def test_real_train_and_eval(tmp_path):
         assert row["eval_metrics"][f"{task}/task_loss_bits_per_token"] == entry["task_loss"]["bits_per_token"]
 
 
+# `moelab train CONFIG --out DIR`, except that the run named by $HANG_RUN stops inside step 6 (after its first
+# micro-batch) and sleeps until killed, announcing it with DIR/.test_hang_step_6. Trainers with callbacks
+# (moelab.train.Callback) are stopped by one; older ones by their MOELAB_TEST_HANG_AT_STEP environment hook.
+HANG_LAUNCHER = r"""
+import os, sys, time
+from pathlib import Path
+import moelab.train as mt
+
+config, out = sys.argv[1], Path(sys.argv[2])
+kw = {}
+if os.environ.get("MOELAB_SWEEP_RUN_ID") == os.environ.get("HANG_RUN"):
+    if hasattr(mt, "Callback"):
+        class Hang(mt.Callback):
+            def on_micro_batch_end(self, ctx, step, index):
+                if step == 6:
+                    (out / ".test_hang_step_6").write_text(str(os.getpid()))
+                    while True:
+                        time.sleep(1)
+        kw["callbacks"] = [Hang()]
+    else:
+        os.environ["MOELAB_TEST_HANG_AT_STEP"] = "6"
+mt.train(config, out, progress=False, **kw)
+"""
+
+
 @pytest.mark.slow
 def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
-    """SIGKILL the sweep while the real trainer is inside step 6 (test hook MOELAB_TEST_HANG_AT_STEP, set for one run
-    through a command template); the re-run resumes from the step-4 checkpoint and ends with exactly the metrics of
-    an uninterrupted training of the same config. Any CPU: both trainings run here, on the same machine and
-    kernels (one thread), so bit-identity is the trainer's exact-resume guarantee, not a property of the CPU."""
+    """SIGKILL the sweep while the real trainer is inside step 6 (a launcher, set for one run through the train
+    command template, stops the trainer there); the re-run resumes from the step-4 checkpoint and ends with exactly
+    the metrics of an uninterrupted training of the same config. Any CPU: both trainings run here, on the same
+    machine and kernels (one thread), so bit-identity is the trainer's exact-resume guarantee, not a CPU property."""
     from moelab.train import TIMING_KEYS, read_metrics, train
 
-    hang = (
-        'sh -c \'[ "$MOELAB_SWEEP_RUN_ID" = "$HANG_RUN" ] && export MOELAB_TEST_HANG_AT_STEP=6; exec "$0" "$@"\' '
-        "{moelab} train {config} --out {train_dir}"
-    )
+    launcher = tmp_path / "hang_launcher.py"
+    launcher.write_text(HANG_LAUNCHER)
+    hang = f"{{python}} {launcher} {{config}} {{train_dir}}"
     spec_path = tmp_path / "real.yaml"
     spec_path.write_text(
         yaml.safe_dump(

@@ -36,7 +36,9 @@ class _CheckParser(argparse.ArgumentParser):
         raise MoelabError(message)
 
     def exit(self, status: int = 0, message: str | None = None):
-        raise MoelabError((message or "").strip() or f"would exit with status {status}")
+        # subcommands that print their own one-line argparse errors call exit(2, "moelab: error: VERB: ...")
+        text = (message or "").strip().removeprefix("moelab: error: ")
+        raise MoelabError(text or f"would exit with status {status}")
 
 
 class _AnyVariable(dict):
