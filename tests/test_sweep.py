@@ -2,9 +2,15 @@
 SIGKILL / SIGTERM, failures and --retry-failed, changed specs, skipped post-training, the three executors, and the
 real `moelab train` / `moelab eval` path.
 
-Most orchestration tests run a fake stage script (FAKE below, injected through the spec's `commands:` templates, the
-documented hook) that mimics the trainer's run directory (run.json status, metrics.jsonl, checkpoints/step_*/,
-final/) in a fraction of a second; the tests at the end run the real trainer and evaluator.
+Most orchestration tests run a fake stage script (tests/sweepfake.py, injected through the spec's `commands:`
+templates, the documented hook) that mimics the trainer's run directory (run.json status, metrics.jsonl,
+checkpoints/step_*/, final/) in a fraction of a second; the tests at the end run the real trainer and evaluator.
+
+Machine independence (every x86-64 CPU, any BLAS build): the fake's numbers are pure functions of the config
+(sha256, integers, one correctly rounded sqrt/division), so its values are compared exactly; planning numbers are
+integer accounting or IEEE arithmetic on exact inputs. The real-trainer tests never assert on what a model learned:
+they check that stages complete and that the registry holds exactly the numbers the trainer/evaluator wrote (a copy,
+equal on any CPU), or compare two trainings made on the same machine (resume vs. uninterrupted).
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,171 +30,26 @@ from moelab.config import paper_grid
 from moelab.cli import COMMANDS, main
 from moelab.config import RunConfig
 from moelab.errors import ConfigError, MoelabError
+import moelab.sweep.spec
 from moelab.sweep import _study_lock, load_spec, load_study, plan_sweep, run_sweep
 
-FAKE = r'''
-import hashlib, json, math, os, pathlib, sys, time
-import yaml
-
-def wj(path, obj):
-    path = pathlib.Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp"); tmp.write_text(json.dumps(obj)); os.replace(tmp, path)
-
-def loss_at(h, step):
-    return 5.0 / math.sqrt(step) + int(h[:4], 16) / 65536
-
-def train_loop(out, cfg, start):
-    t = cfg["train"]; steps = math.ceil(t["train_tokens"] / (t["global_batch"] * t["seq_len"]))
-    h = hashlib.sha256(json.dumps([cfg["model"], t["lr"]], sort_keys=True).encode()).hexdigest()
-    info = json.loads((out / "run.json").read_text())
-    m = out / "metrics.jsonl"
-    kept = [l for l in (m.read_text().splitlines() if m.exists() else []) if json.loads(l)["step"] <= start]
-    m.write_text("".join(l + "\n" for l in kept))
-    if (out.parent / "FAIL").exists():
-        print("moelab: error: injected failure", file=sys.stderr); sys.exit(2)
-    hang = os.environ.get("FAKE_HANG_RUN") not in (None, "") and os.environ.get("FAKE_HANG_RUN") == os.environ.get("MOELAB_SWEEP_RUN_ID")
-    with open(m, "a") as f:
-        for step in range(start + 1, steps + 1):
-            if hang and step == int(os.environ.get("FAKE_HANG_STEP", "7")):
-                tmp = out / ".hang.tmp"; tmp.write_text(str(os.getpid())); os.replace(tmp, out / ".hang")
-                while True:
-                    time.sleep(1)
-            f.write(json.dumps({"step": step, "loss": loss_at(h, step), "lm_loss": loss_at(h, step) - 0.01}) + "\n"); f.flush()
-            if step % t["ckpt_every"] == 0 or step == steps:
-                ck = out / "checkpoints" / f"step_{step:07d}"; ck.mkdir(parents=True, exist_ok=True)
-                wj(ck / "trainer_state.json", {"step": step})
-                info["step"] = step; wj(out / "run.json", info)
-    (out / "final").mkdir(exist_ok=True); wj(out / "final" / "config.json", cfg["model"])
-    info.update(status="completed", step=steps, val_loss=loss_at(h, steps) + 0.1, budget={"total_steps": steps})
-    wj(out / "run.json", info)
-
-cmd, args = sys.argv[1], sys.argv[2:]
-if cmd == "train" and args[0] == "--resume":
-    out = pathlib.Path(args[1]); info = json.loads((out / "run.json").read_text())
-    cks = sorted(out.glob("checkpoints/step_*/trainer_state.json"))
-    start = json.loads(cks[-1].read_text())["step"] if cks else 0
-    info.setdefault("resumes", []).append(start); wj(out / "run.json", info)
-    train_loop(out, info["config"], start)
-elif cmd == "train":
-    cfg = yaml.safe_load(open(args[0])); out = pathlib.Path(args[2])
-    if (out / "run.json").exists():
-        print("moelab: error: already holds a run", file=sys.stderr); sys.exit(2)
-    out.mkdir(parents=True); wj(out / "run.json", {"status": "running", "config": cfg, "step": 0})
-    train_loop(out, cfg, 0)
-elif cmd == "eval":
-    a = dict(zip(args[0::2], args[1::2]))
-    model = pathlib.Path(a["--model"]); cfg = json.loads((model / "config.json").read_text())
-    acc = (cfg["d_model"] * 7 + cfg["n_experts"]) % 100 / 100
-    tasks = {t: {"accuracy": {"exact_match,strict-match": acc, "exact_match_stderr,strict-match": 0.01},
-                 "task_loss": {"bits_per_token": 1 - acc, "bits_per_byte": 0.5}} for t in a["--tasks"].split(",")}
-    wj(a["--out"], {"model": {"path": str(model)}, "limit": a.get("--limit"), "tasks": tasks})
-elif cmd == "grpo":
-    a = dict(zip(args[0::2], args[1::2]))
-    src = pathlib.Path(a["--model"]); out = pathlib.Path(a["--out"]) / "final"; out.mkdir(parents=True)
-    cfg = json.loads((src / "config.json").read_text()); cfg["d_model"] += 1; wj(out / "config.json", cfg)
-else:
-    sys.exit("fake: unknown command " + cmd)
-'''
-
-
-def fake_spec(tmp_path: Path, name: str = "spec.yaml", **overrides) -> Path:
-    """A 4-run spec (d ∈ {32, 64} × E ∈ {2, 4}, k=1; 20 steps, checkpoints every 5) whose stages run FAKE."""
-    fake = tmp_path / "fake.py"
-    fake.write_text(FAKE)
-    run = f"{{python}} {fake}"
-    spec = {
-        "name": "fake",
-        "grid": {"d": [32, 64], "E": [2, 4], "k": [1]},
-        "model": {"vocab_size": 128, "n_layers": 1, "head_dim": 16, "max_seq_len": 16},
-        "budget": {"tokens": 2560},
-        "data": {"sources": [{"path": "data.jsonl"}]},
-        "prepare_data": False,
-        "train": {"seq_len": 16, "global_batch": 8, "micro_batch": 8, "warmup": 0, "ckpt_every": 5},
-        "eval": {"tasks": ["alpha", "beta"], "data_dir": "evaldata", "limit": 3},
-        "commands": {
-            "train": f"{run} train {{config}} --out {{train_dir}}",
-            "train_resume": f"{run} train --resume {{train_dir}}",
-            "eval": f"{run} eval --model {{model_dir}} --tasks {{tasks}} --data-dir {{data_dir}} --out {{out}}{{options}}",
-            "post_train": f"{run} grpo --model {{model_dir}} --task {{task}} --data-dir {{data_dir}} --out {{out}}{{options}}",
-        },
-    }
-    spec.update(overrides)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def db_rows(study: Path, sql: str) -> list[tuple]:
-    con = sqlite3.connect(f"file:{study / 'registry.sqlite'}?mode=ro", uri=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
-def stage_table(study: Path) -> dict[tuple[str, str], tuple[str, int, int]]:
-    return {(r, s): (st, a, c) for r, s, st, a, c in db_rows(study, "SELECT run_id, stage, state, attempts, completions FROM stages")}
-
-
-def completed_events(study: Path) -> dict[tuple[str, str], int]:
-    out: dict[tuple[str, str], int] = {}
-    for r, s in db_rows(study, "SELECT run_id, stage FROM events WHERE event = 'completed'"):
-        out[(r, s)] = out.get((r, s), 0) + 1
-    return out
-
-
-def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
-    """Every file under a run directory with its mtime and content (logs/ excluded: they only ever grow)."""
-    return {
-        str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
-        for p in sorted(run_dir.rglob("*"))
-        if p.is_file() and "logs" not in p.relative_to(run_dir).parts
-    }
-
-
-_SPAWNED: list[subprocess.Popen] = []
+from sweepfake import (
+    completed_events,
+    db_rows,
+    fake_spec,
+    kill_spawned,
+    pid_alive,
+    snapshot,
+    stage_table,
+    sweep_proc,
+    wait_for,
+)
 
 
 @pytest.fixture(autouse=True)
 def _kill_leftover_sweeps():
-    """A failed test must not leave its sweep (and a hanging fake trainer, which dies with it) running."""
     yield
-    while _SPAWNED:
-        p = _SPAWNED.pop()
-        if p.poll() is None:
-            p.kill()
-            p.wait(timeout=30)
-
-
-def sweep_proc(spec: Path, study: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "moelab.cli", "sweep", str(spec), "--out", str(study), "--no-progress", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
-    )
-    _SPAWNED.append(p)
-    return p
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"sweep ended before {path} appeared:\n{proc.stdout.read()}")
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {path}")
-        time.sleep(0.05)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    kill_spawned()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,14 +111,28 @@ def test_paper_spec_is_the_paper_grid(capsys):
     for p, c in zip(plans, grid):
         a = p.accounting
         assert (a["d_model"], a["n_experts"], a["top_k"], a["n_layers"], a["n_heads"], a["ffn_hidden"]) == (
-            c.d_model, c.n_experts, c.top_k, c.n_layers, c.n_heads, c.ffn_hidden)
+            c.d_model,
+            c.n_experts,
+            c.top_k,
+            c.n_layers,
+            c.n_heads,
+            c.ffn_hidden,
+        )
         assert (a["total_params"], a["active_params"]) == (c.num_params, c.num_active_params)
         assert p.steps == 29_803 and p.tokens_per_step == 1024 * 4096 and p.warmup_steps == 2000
         assert p.run_id.startswith(f"d{c.d_model}-E{c.n_experts}-k{c.top_k}-")
     assert len({p.run_id for p in plans}) == 65
     rc = RunConfig.parse(plans[0].config)
     t = rc.train
-    assert (t.lr, t.min_lr_ratio, t.weight_decay, tuple(t.betas), t.eps, t.grad_clip, t.dtype) == (4e-4, 0.1, 0.1, (0.9, 0.95), 1e-8, 1.0, "bfloat16")
+    assert (t.lr, t.min_lr_ratio, t.weight_decay, tuple(t.betas), t.eps, t.grad_clip, t.dtype) == (
+        4e-4,
+        0.1,
+        0.1,
+        (0.9, 0.95),
+        1e-8,
+        1.0,
+        "bfloat16",
+    )
     assert plans[0].stages == ["train", "eval", "post_train", "eval_post"]
     # the CLI: `moelab plan src/moelab/presets/sweep_paper.yaml --json`
     preset = Path(__file__).resolve().parents[1] / "src" / "moelab" / "presets" / "sweep_paper.yaml"
@@ -295,8 +169,12 @@ def test_plan_table_and_flops_per_second(capsys):
 def test_budget_rounding_matches_the_trainer():
     from moelab.train import resolve_budget
 
-    spec = {**BASE, "grid": {"d": [64], "E": [4, 8], "k": [1, 2]}, "budget": {"tpp": 0.37},
-            "train": {**BASE["train"], "warmup": 0.25}}
+    spec = {
+        **BASE,
+        "grid": {"d": [64], "E": [4, 8], "k": [1, 2]},
+        "budget": {"tpp": 0.37},
+        "train": {**BASE["train"], "warmup": 0.25},
+    }
     for p in plan_sweep(spec):
         b = resolve_budget(RunConfig.parse(p.config))
         assert (p.steps, p.warmup_steps, p.tokens_per_step) == (b.total_steps, b.warmup_steps, b.tokens_per_step)
@@ -306,8 +184,12 @@ def test_budget_rounding_matches_the_trainer():
 
 def test_isoflop_budgets_and_tpp_filter():
     budgets = [2e11, 8e11]
-    spec = {**BASE, "grid": {"d": [64, 128], "E": [2, 8], "k": [1, 2]}, "budget": {"flops": budgets},
-            "estimate": {"flops_per_second": 1e9}}
+    spec = {
+        **BASE,
+        "grid": {"d": [64, 128], "E": [2, 8], "k": [1, 2]},
+        "budget": {"flops": budgets},
+        "estimate": {"flops_per_second": 1e9},
+    }
     plans = plan_sweep(spec)
     assert len(plans) == 8 * 2
     for p in plans:
@@ -329,10 +211,18 @@ def test_run_ids_are_deterministic_and_follow_the_train_config():
     assert p.run_id == f"d64-E4-k2-{p.config_hash[:8]}"
     ablation = plan_sweep({**BASE, "grid": {**BASE["grid"], "lr": [1e-3, 2e-3], "init_std": [0.01, 0.02], "L": [2, 4]}})
     assert len({q.run_id for q in ablation}) == 8
-    assert {(RunConfig.parse(q.config).train.lr, q.config["model"]["init_std"], q.config["model"]["n_layers"]) for q in ablation} == {
-        (lr, s, L) for lr in (1e-3, 2e-3) for s in (0.01, 0.02) for L in (2, 4)}
+    assert {
+        (RunConfig.parse(q.config).train.lr, q.config["model"]["init_std"], q.config["model"]["n_layers"])
+        for q in ablation
+    } == {(lr, s, L) for lr in (1e-3, 2e-3) for s in (0.01, 0.02) for L in (2, 4)}
     # eval settings and execution-only data settings do not change the run; the training data does
-    same = plan_sweep({**BASE, "eval": {"tasks": ["x"], "data_dir": "/e"}, "data": {**BASE["data"], "cache_dir": "/c", "num_workers": 3}})
+    same = plan_sweep(
+        {
+            **BASE,
+            "eval": {"tasks": ["gsm8k"], "data_dir": "/e"},
+            "data": {**BASE["data"], "cache_dir": "/c", "num_workers": 3},
+        }
+    )
     assert same[0].run_id == p.run_id and same[0].stage_hashes["eval"] != ""
     other = plan_sweep({**BASE, "data": {"sources": [{"path": "y.jsonl"}]}})
     assert other[0].run_id != p.run_id
@@ -344,7 +234,9 @@ def test_run_ids_are_deterministic_and_follow_the_train_config():
 
 
 def test_sweep_runs_every_stage_records_everything_and_never_redoes_work(tmp_path):
-    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "alpha", "args": {"steps": 3, "kl": True}})
+    spec = fake_spec(
+        tmp_path, post_train={"method": "grpo", "task": "synthetic_reasoning", "args": {"steps": 3, "kl": True}}
+    )
     study = tmp_path / "study"
     report = run_sweep(spec, study, parallel=2, progress=False)
     assert report.ok and report.counts == {"completed": 4}
@@ -367,16 +259,24 @@ def test_sweep_runs_every_stage_records_everything_and_never_redoes_work(tmp_pat
         assert r["val_loss"] == info["val_loss"]
         last = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
         assert r["train_loss"] == last["lm_loss"] and last["step"] == 20
-        acc = result["tasks"]["alpha"]["accuracy"]["exact_match,strict-match"]
-        assert r["eval_metrics"] == {"alpha/exact_match,strict-match": acc, "alpha/task_loss_bits_per_token": 1 - acc,
-                                     "alpha/task_loss_bits_per_byte": 0.5, "beta/exact_match,strict-match": acc,
-                                     "beta/task_loss_bits_per_token": 1 - acc, "beta/task_loss_bits_per_byte": 0.5}
+        acc = result["tasks"]["synthetic_reasoning"]["accuracy"]["exact_match,strict-match"]
+        assert r["eval_metrics"] == {
+            "synthetic_reasoning/exact_match,strict-match": acc,
+            "synthetic_reasoning/task_loss_bits_per_token": 1 - acc,
+            "synthetic_reasoning/task_loss_bits_per_byte": 0.5,
+            "synthetic_memory/exact_match,strict-match": acc,
+            "synthetic_memory/task_loss_bits_per_token": 1 - acc,
+            "synthetic_memory/task_loss_bits_per_byte": 0.5,
+        }
         assert r["eval_results"] == str(run_dir / "eval" / "RESULT.json") and result["limit"] == "3"
         # post-training ran on the trained model, and the second eval on the post-trained one
         assert after["model"]["path"] == str(run_dir / "grpo" / "model" / "final")
-        assert r["post_eval_metrics"]["alpha/exact_match,strict-match"] == ((p.accounting["d_model"] + 1) * 7 + p.accounting["n_experts"]) % 100 / 100
+        assert (
+            r["post_eval_metrics"]["synthetic_reasoning/exact_match,strict-match"]
+            == ((p.accounting["d_model"] + 1) * 7 + p.accounting["n_experts"]) % 100 / 100
+        )
         grpo_cmd = r["stage_states"]["post_train"]["command"]
-        assert "--task alpha" in grpo_cmd and "--steps 3 --kl" in grpo_cmd
+        assert "--task synthetic_reasoning" in grpo_cmd and "--steps 3 --kl" in grpo_cmd
         for stage in ("train", "eval", "post_train", "eval_post"):
             st = r["stage_states"][stage]
             assert Path(st["log_path"]) == run_dir / "logs" / f"{stage}.log" and Path(st["log_path"]).is_file()
@@ -416,21 +316,40 @@ def test_sigkill_mid_training_loses_and_redoes_nothing(tmp_path):
     assert (study / "runs" / victim / "train" / "checkpoints" / "step_0000005").is_dir()
     done_before = snapshot(study / "runs" / ids[0])
 
-    out = subprocess.run([sys.executable, "-m", "moelab.cli", "sweep", str(spec), "--out", str(study), "--no-progress"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "moelab.cli", "sweep", str(spec), "--out", str(study), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{victim} train interrupted: its sweep died (attempt 1)" in out.stdout
     assert snapshot(study / "runs" / ids[0]) == done_before  # the finished run: untouched
     info = json.loads((study / "runs" / victim / "train" / "run.json").read_text())
     assert info["status"] == "completed" and info["resumes"] == [5]  # resumed from its step-5 checkpoint
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, str(tmp_path / "fake.py"), "train", str(study / "runs" / victim / "train.yaml"), "--out", str(ref)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "fake.py"),
+            "train",
+            str(study / "runs" / victim / "train.yaml"),
+            "--out",
+            str(ref),
+        ],
+        check=True,
+    )
     assert (study / "runs" / victim / "train" / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
     table = stage_table(study)
     assert all(state == "completed" and completions == 1 for state, _, completions in table.values())
     assert {k: a for k, (_, a, _) in table.items() if a != 1} == {(victim, "train"): 2}
     assert set(completed_events(study).values()) == {1} and len(completed_events(study)) == 8
-    events = [e for (e,) in db_rows(study, f"SELECT event FROM events WHERE run_id = '{victim}' AND stage = 'train' ORDER BY id")]
+    events = [
+        e
+        for (e,) in db_rows(
+            study, f"SELECT event FROM events WHERE run_id = '{victim}' AND stage = 'train' ORDER BY id"
+        )
+    ]
     assert events == ["started", "interrupted", "started", "completed"]
 
 
@@ -489,7 +408,9 @@ def test_changed_spec_adds_new_runs_keeps_removed_ones_and_reopens_changed_stage
     train_before = snapshot(study / "runs" / kept / "train")
     removed_before = snapshot(study / "runs" / removed)
     # B drops E=4, adds E=8, and evaluates a different task list
-    spec_b = fake_spec(tmp_path, "b.yaml", grid={"d": [32], "E": [2, 8], "k": [1]}, eval={"tasks": ["gamma"], "data_dir": "evaldata"})
+    spec_b = fake_spec(
+        tmp_path, "b.yaml", grid={"d": [32], "E": [2, 8], "k": [1]}, eval={"tasks": ["gsm8k"], "data_dir": "evaldata"}
+    )
     b_ids = [p.run_id for p in plan_sweep(spec_b)]
     assert b_ids[0] == kept and b_ids[1] not in a_ids
     report = run_sweep(spec_b, study, progress=False)
@@ -499,16 +420,26 @@ def test_changed_spec_adds_new_runs_keeps_removed_ones_and_reopens_changed_stage
     assert table[(kept, "eval")] == ("completed", 2, 2)  # re-evaluated on the new task list
     assert table[(b_ids[1], "train")] == ("completed", 1, 1)
     assert snapshot(study / "runs" / kept / "train") == train_before
-    assert set(json.loads((study / "runs" / kept / "eval" / "RESULT.json").read_text())["tasks"]) == {"gamma"}
+    assert set(json.loads((study / "runs" / kept / "eval" / "RESULT.json").read_text())["tasks"]) == {"gsm8k"}
     assert snapshot(study / "runs" / removed) == removed_before and table[(removed, "train")] == ("completed", 1, 1)
     rows = {r["run_id"]: r for r in load_study(study)}
-    assert not rows[removed]["in_spec"] and rows[kept]["in_spec"] and set(rows[kept]["eval_metrics"]) == {
-        "gamma/exact_match,strict-match", "gamma/task_loss_bits_per_token", "gamma/task_loss_bits_per_byte"}
+    assert (
+        not rows[removed]["in_spec"]
+        and rows[kept]["in_spec"]
+        and set(rows[kept]["eval_metrics"])
+        == {"gsm8k/exact_match,strict-match", "gsm8k/task_loss_bits_per_token", "gsm8k/task_loss_bits_per_byte"}
+    )
 
 
 def test_post_training_is_skipped_when_moelab_grpo_is_missing(tmp_path, monkeypatch):
-    monkeypatch.delitem(COMMANDS, "grpo", raising=False)
-    spec = fake_spec(tmp_path, grid={"d": [32], "E": [2], "k": [1]}, post_train={"method": "grpo", "task": "alpha"})
+    # an installation without moelab.rl: `moelab grpo` cannot run, so post-training is skipped, not failed
+    monkeypatch.setitem(moelab.sweep.spec.STAGE_MODULES, "grpo", "moelab.no_such_module")
+    from moelab.demo import grpo_available
+
+    assert not grpo_available()
+    spec = fake_spec(
+        tmp_path, grid={"d": [32], "E": [2], "k": [1]}, post_train={"method": "grpo", "task": "synthetic_reasoning"}
+    )
     spec_data = yaml.safe_load(spec.read_text())
     del spec_data["commands"]["post_train"]  # the default: `moelab grpo ...`
     spec.write_text(yaml.safe_dump(spec_data))
@@ -528,7 +459,9 @@ def test_one_sweep_per_study(tmp_path):
     study = tmp_path / "study"
     study.mkdir()
     with _study_lock(study):
-        with pytest.raises(MoelabError, match=rf"another `moelab sweep` \(pid {os.getpid()}\) is working on this study"):
+        with pytest.raises(
+            MoelabError, match=rf"another `moelab sweep` \(pid {os.getpid()}\) is working on this study"
+        ):
             run_sweep(spec, study, progress=False)
 
 
@@ -540,7 +473,10 @@ def test_submitit_executor_runs_jobs_through_submitit(tmp_path):
     jobs = [j for (j,) in db_rows(study, "SELECT job FROM runs")]
     assert all(j.startswith("submitit:") for j in jobs)
     assert list((study / "submitit").glob("*_result.pkl"))  # submitit's own job records
-    runner_pids = {json.loads((study / "runs" / r / "logs" / "train.status.json").read_text())["runner_pid"] for r in [p.run_id for p in plan_sweep(spec)]}
+    runner_pids = {
+        json.loads((study / "runs" / r / "logs" / "train.status.json").read_text())["runner_pid"]
+        for r in [p.run_id for p in plan_sweep(spec)]
+    }
     assert os.getpid() not in runner_pids  # the stages ran inside submitit job processes
 
 
@@ -562,11 +498,28 @@ REAL = {
     "name": "real",
     "model": {"vocab_size": 384, "n_layers": 1, "head_dim": 16, "max_seq_len": 128},  # room for prompt + answer at eval
     "budget": {"tokens": 1536},  # 12 steps of 4 × 32 tokens
-    "synthetic": {"n_entities": 20, "bios_per_entity": 1, "n_memory_eval": 6, "n_train_problems": 60, "n_test_problems": 6, "n_fewshot": 2,
-                  "min_steps": 1, "max_steps": 1},  # one-step problems: a worked solution fits the 128-token context
+    "synthetic": {
+        "n_entities": 20,
+        "bios_per_entity": 1,
+        "n_memory_eval": 6,
+        "n_train_problems": 60,
+        "n_test_problems": 6,
+        "n_fewshot": 2,
+        "min_steps": 1,
+        "max_steps": 1,
+    },  # one-step problems: a worked solution fits the 128-token context
     "data": {"tokenizer": {"vocab_size": 384}, "val_fraction": 0.1, "num_workers": 0},
-    "train": {"seq_len": 32, "global_batch": 4, "micro_batch": 4, "lr": 3e-3, "warmup": 0, "log_every": 2,
-              "eval_every": 0, "eval_batches": 1, "ckpt_every": 4},
+    "train": {
+        "seq_len": 32,
+        "global_batch": 4,
+        "micro_batch": 4,
+        "lr": 3e-3,
+        "warmup": 0,
+        "log_every": 2,
+        "eval_every": 0,
+        "eval_batches": 1,
+        "ckpt_every": 4,
+    },
     "threads_per_run": 1,
 }
 
@@ -574,11 +527,20 @@ REAL = {
 def test_real_train_and_eval(tmp_path):
     if "eval" not in COMMANDS:
         pytest.skip("`moelab eval` is not registered yet")
-    spec = {**REAL, "runs": [{"d": 32, "E": 4, "k": 2}],
-            "eval": {"tasks": ["synthetic_memory", "synthetic_reasoning"], "limit": 2, "args": ["--num-fewshot", "1", "--max-gen-toks", "24"]}}
+    spec = {
+        **REAL,
+        "runs": [{"d": 32, "E": 4, "k": 2}],
+        "eval": {
+            "tasks": ["synthetic_memory", "synthetic_reasoning"],
+            "limit": 2,
+            "args": ["--num-fewshot", "1", "--max-gen-toks", "24"],
+        },
+    }
     study = tmp_path / "study"
     report = run_sweep(spec, study, progress=False)
     (row,) = report.runs
+    # Any CPU: completion, step counts and paths do not depend on float rounding, and every metric is compared with
+    # the file the stage itself wrote on this machine (the registry copies it), never with a fixed value.
     assert report.ok, row["stage_states"]
     run_dir = study / "runs" / row["run_id"]
     info = json.loads((run_dir / "train" / "run.json").read_text())
@@ -594,16 +556,48 @@ def test_real_train_and_eval(tmp_path):
         assert row["eval_metrics"][f"{task}/task_loss_bits_per_token"] == entry["task_loss"]["bits_per_token"]
 
 
+# `moelab train CONFIG --out DIR`, except that the run named by $HANG_RUN stops inside step 6 (after its first
+# micro-batch) and sleeps until killed, announcing it with DIR/.test_hang_step_6. Trainers with callbacks
+# (moelab.train.Callback) are stopped by one; older ones by their MOELAB_TEST_HANG_AT_STEP environment hook.
+HANG_LAUNCHER = r"""
+import os, sys, time
+from pathlib import Path
+import moelab.train as mt
+
+config, out = sys.argv[1], Path(sys.argv[2])
+kw = {}
+if os.environ.get("MOELAB_SWEEP_RUN_ID") == os.environ.get("HANG_RUN"):
+    if hasattr(mt, "Callback"):
+        class Hang(mt.Callback):
+            def on_micro_batch_end(self, ctx, step, index):
+                if step == 6:
+                    (out / ".test_hang_step_6").write_text(str(os.getpid()))
+                    while True:
+                        time.sleep(1)
+        kw["callbacks"] = [Hang()]
+    else:
+        os.environ["MOELAB_TEST_HANG_AT_STEP"] = "6"
+mt.train(config, out, progress=False, **kw)
+"""
+
+
 @pytest.mark.slow
 def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
-    """SIGKILL the sweep while the real trainer is inside step 6 (test hook MOELAB_TEST_HANG_AT_STEP, set for one run
-    through a command template); the re-run resumes from the step-4 checkpoint and ends with exactly the metrics of
-    an uninterrupted training of the same config."""
+    """SIGKILL the sweep while the real trainer is inside step 6 (a launcher, set for one run through the train
+    command template, stops the trainer there); the re-run resumes from the step-4 checkpoint and ends with exactly
+    the metrics of an uninterrupted training of the same config. Any CPU: both trainings run here, on the same
+    machine and kernels (one thread), so bit-identity is the trainer's exact-resume guarantee, not a CPU property."""
     from moelab.train import TIMING_KEYS, read_metrics, train
 
-    hang = 'sh -c \'[ "$MOELAB_SWEEP_RUN_ID" = "$HANG_RUN" ] && export MOELAB_TEST_HANG_AT_STEP=6; exec "$0" "$@"\' {moelab} train {config} --out {train_dir}'
+    launcher = tmp_path / "hang_launcher.py"
+    launcher.write_text(HANG_LAUNCHER)
+    hang = f"{{python}} {launcher} {{config}} {{train_dir}}"
     spec_path = tmp_path / "real.yaml"
-    spec_path.write_text(yaml.safe_dump({**REAL, "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}], "commands": {"train": hang}}))
+    spec_path.write_text(
+        yaml.safe_dump(
+            {**REAL, "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}], "commands": {"train": hang}}
+        )
+    )
     ids = [p.run_id for p in plan_sweep(spec_path)]
     study = tmp_path / "study"
     proc = sweep_proc(spec_path, study, env={"HANG_RUN": ids[1]})
@@ -611,8 +605,12 @@ def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     first = snapshot(study / "runs" / ids[0])
-    out = subprocess.run([sys.executable, "-m", "moelab.cli", "sweep", str(spec_path), "--out", str(study), "--no-progress"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "moelab.cli", "sweep", str(spec_path), "--out", str(study), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert snapshot(study / "runs" / ids[0]) == first
     run = study / "runs" / ids[1] / "train"
@@ -634,7 +632,14 @@ def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_post_train_only_selects_runs(tmp_path):
-    spec = fake_spec(tmp_path, post_train={"method": "grpo", "task": "alpha", "only": [{"d": 64, "E": 4}, {"d": 32, "E": 2, "k": 1}]})
+    spec = fake_spec(
+        tmp_path,
+        post_train={
+            "method": "grpo",
+            "task": "synthetic_reasoning",
+            "only": [{"d": 64, "E": 4}, {"d": 32, "E": 2, "k": 1}],
+        },
+    )
     stages = {p.name.split("-")[0] + "-" + p.name.split("-")[1]: p.stages for p in plan_sweep(spec)}
     full, short = ["train", "eval", "post_train", "eval_post"], ["train", "eval"]
     assert stages == {"d32-E2": full, "d32-E4": short, "d64-E2": short, "d64-E4": full}
@@ -648,17 +653,28 @@ def test_post_train_only_selects_runs(tmp_path):
         st = json.loads((study / "runs" / rid / "logs" / "train.status.json").read_text())
         assert st["cpu_s"] is not None and st["cpu_s"] > 0  # the stage process's own rusage
     with pytest.raises(ConfigError, match=r"post_train.only.0.kk: unknown key"):
-        load_spec({**BASE, "eval": {"tasks": ["a"], "data_dir": "x"}, "post_train": {"task": "a", "only": [{"kk": 1}]}})
+        load_spec(
+            {
+                **BASE,
+                "eval": {"tasks": ["gsm8k"], "data_dir": "x"},
+                "post_train": {"task": "gsm8k", "only": [{"kk": 1}]},
+            }
+        )
 
 
 def test_error_line_is_the_exception_not_a_progress_bar(tmp_path):
     from moelab.sweep import _error_from_log
 
     log = tmp_path / "eval.log"
-    log.write_text("=== header\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
-                   "ValueError: max_gen_toks (32) must be below the model's max_length (32)\n"
-                   "generate_until:   0%|          | 0/4 [00:00<?, ?it/s]\n")
-    assert _error_from_log(log, 0, 1) == "ValueError: max_gen_toks (32) must be below the model's max_length (32) (exit code 1)"
+    log.write_text(
+        '=== header\nTraceback (most recent call last):\n  File "x.py", line 1\n'
+        "ValueError: max_gen_toks (32) must be below the model's max_length (32)\n"
+        "generate_until:   0%|          | 0/4 [00:00<?, ?it/s]\n"
+    )
+    assert (
+        _error_from_log(log, 0, 1)
+        == "ValueError: max_gen_toks (32) must be below the model's max_length (32) (exit code 1)"
+    )
     log.write_text("noise\nmoelab: error: eval: --limit must be >= 1\nmore noise\n")
     assert _error_from_log(log, 0, 2) == "moelab: error: eval: --limit must be >= 1 (exit code 2)"
 
@@ -678,30 +694,57 @@ def test_chance_baselines_are_answer_prior_guessers(tmp_path):
     from moelab.synthetic import final_answer, write_synthetic
 
     d = tmp_path / "syn"
-    write_synthetic(d, n_entities=30, bios_per_entity=1, n_memory_eval=40, n_train_problems=200, n_test_problems=30,
-                    min_steps=1, max_steps=1, max_number=5, max_value=10)
+    write_synthetic(
+        d,
+        n_entities=30,
+        bios_per_entity=1,
+        n_memory_eval=40,
+        n_train_problems=200,
+        n_test_problems=30,
+        min_steps=1,
+        max_steps=1,
+        max_number=5,
+        max_value=10,
+    )
     got = chance_baselines(d)
     mem = [json.loads(x) for x in (d / "synthetic_memory.jsonl").read_text().splitlines()]
     rea = [json.loads(x) for x in (d / "synthetic_reasoning.jsonl").read_text().splitlines()]
-    # reference: the most frequent training answer, and per attribute the most frequent value among people never asked about
-    train_answers = [final_answer(json.loads(x)["text"]) for x in (d / "train_reasoning.jsonl").read_text().splitlines()]
+    # reference: the most frequent training answer, and per attribute the most frequent value among people never
+    # asked about
+    train_answers = [
+        final_answer(json.loads(x)["text"]) for x in (d / "train_reasoning.jsonl").read_text().splitlines()
+    ]
     top = max(set(train_answers), key=lambda a: (train_answers.count(a), -train_answers.index(a)))
     assert got["synthetic_reasoning"] == sum(final_answer(r["answer"]) == top for r in rea) / len(rea)
     assert 0.0 <= got["synthetic_memory"] < 0.5 and got["synthetic_reasoning"] < 0.5
-    assert chance_baselines(d, limit=5)["synthetic_reasoning"] == sum(final_answer(r["answer"]) == top for r in rea[:5]) / 5
+    assert (
+        chance_baselines(d, limit=5)["synthetic_reasoning"]
+        == sum(final_answer(r["answer"]) == top for r in rea[:5]) / 5
+    )
     assert len(mem) == 40
 
 
 @pytest.mark.slow
 def test_demo_end_to_end_on_a_tiny_spec_and_resume(tmp_path, capsys):
     """`run_demo` on a 2-run miniature of the demo spec: sweep → analyze → report → summary; a second call redoes
-    no stage (same registry events) and reports again."""
+    no stage (same registry events) and reports again. Any CPU: only files, table headings and event counts are
+    checked, none of which depends on how well the two tiny models trained."""
     from moelab.demo import run_demo
 
     spec = tmp_path / "tiny.yaml"
-    spec.write_text(yaml.safe_dump({**REAL, "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}],
-                                    "eval": {"tasks": ["synthetic_memory", "synthetic_reasoning"], "limit": 4,
-                                             "args": ["--num-fewshot", "1", "--max-gen-toks", "24"]}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                **REAL,
+                "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}],
+                "eval": {
+                    "tasks": ["synthetic_memory", "synthetic_reasoning"],
+                    "limit": 4,
+                    "args": ["--num-fewshot", "1", "--max-gen-toks", "24"],
+                },
+            }
+        )
+    )
     study = tmp_path / "study"
     index = run_demo(study, with_grpo=False, spec=spec, progress=False, n_boot=20)
     out = capsys.readouterr().out

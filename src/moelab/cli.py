@@ -67,9 +67,7 @@ def _run_plan(a: argparse.Namespace) -> int:
 
     _check_plan_flags(a)
     if a.spec is not None:
-        from .sweep import plan_cli
-
-        return plan_cli(a)
+        return _run_plan_spec(a)
     if a.flops_per_second is not None:
         raise MoelabError("plan: --flops-per-second needs a SPEC")
     if a.preset == "paper":
@@ -102,6 +100,42 @@ def _run_plan(a: argparse.Namespace) -> int:
 
 register("plan", "show parameter / FLOP / sparsity / TPP accounting for one config or a preset grid", _plan_args,
          _run_plan)
+
+
+def _parsers() -> dict[str, Callable[[argparse.ArgumentParser], None]]:
+    """Each subcommand's argument declarations (for checking a sweep's stage command lines against them)."""
+    return {name: add_args for name, (add_args, _, _) in COMMANDS.items()}
+
+
+def _run_plan_spec(a: argparse.Namespace) -> int:
+    """`moelab plan SPEC [--json] [--flops-per-second X]`: the resolved runs of a sweep spec; runs nothing."""
+    import math
+
+    from .sweep.display import print_sweep_plan, trust_note
+    from .sweep.plan import plan_rows, plan_sweep
+    from .sweep.preflight import check_stage_commands
+    from .sweep.spec import EstimateSpec, load_spec
+
+    grid_flags = ("preset", "d_model", "heads", "kv_heads", "ffn_hidden", "experts", "top_k", "train_tokens", "tpp")
+    clash = [f for f in grid_flags if getattr(a, f, None) is not None]
+    if clash:
+        flag = "--" + clash[0].replace("_", "-")
+        raise MoelabError(f"plan: {flag} cannot be combined with a spec (edit the spec instead)")
+    spec = load_spec(a.spec)
+    if a.flops_per_second is not None:
+        if not (math.isfinite(a.flops_per_second) and a.flops_per_second > 0):
+            raise MoelabError(f"plan: --flops-per-second must be a finite number > 0 (got {a.flops_per_second})")
+        spec = spec.model_copy(update={"estimate": EstimateSpec(flops_per_second=a.flops_per_second)})
+    check_stage_commands(spec, None, _parsers())
+    plans = plan_sweep(spec)
+    if a.json:
+        print(json.dumps(plan_rows(plans), indent=1, default=str))
+        note = trust_note(spec)
+        if note:
+            print(f"moelab: {note}", file=sys.stderr)
+    else:
+        print_sweep_plan(spec, plans)
+    return 0
 
 
 def print_plan_table(rows: list[dict]) -> None:
@@ -137,24 +171,42 @@ def print_plan_table(rows: list[dict]) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo_study", metavar="STUDY", help="study directory (default: %(default)s; re-run to resume)")
+    p.add_argument("--out", default="demo_study", metavar="STUDY",
+                   help="study directory (default: %(default)s; re-run to resume)")
     grpo = p.add_mutually_exclusive_group()
     grpo.add_argument("--with-grpo", dest="with_grpo", action="store_true", default=None,
-                      help="post-train two configs with GRPO and evaluate them again (default: on when `moelab grpo` exists)")
+                      help="post-train two configs with GRPO and evaluate them again "
+                      "(default: on when `moelab grpo` exists)")
     grpo.add_argument("--no-grpo", dest="with_grpo", action="store_false", help="skip the GRPO stages")
-    p.add_argument("--parallel", type=int, default=2, metavar="N", help="runs at once, one thread each (default: %(default)s)")
+    p.add_argument("--parallel", default="2", metavar="N", help="runs at once, one thread each (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live overview")
 
 
+def _positive_int(flag: str, text: str | None) -> int | None:
+    """``--parallel N``: checked here (not by argparse) so that a bad value is one `moelab: error:` line."""
+    if text is None:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise MoelabError(f"{flag}: must be an integer >= 1 (got {text!r})")
+    return n
+
+
 def _run_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo_cli
+    from .demo import run_demo
+    from .sweep.paths import check_output_dir
 
-    if a.parallel < 1:
-        raise MoelabError("demo: --parallel must be >= 1")
-    return run_demo_cli(a)
+    parallel = _positive_int("demo: --parallel", a.parallel)
+    check_output_dir(a.out)
+    run_demo(a.out, with_grpo=a.with_grpo, parallel=parallel, progress=False if a.no_progress else None)
+    return 0
 
 
-register("demo", "the miniature study: sweep → analyze → report on synthetic data (2-core CPU, minutes; docs/study.md)", _demo_args, _run_demo)
+register("demo", "the miniature study: sweep → analyze → report on synthetic data (2-core CPU, minutes; docs/study.md)",
+         _demo_args, _run_demo)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,24 +285,61 @@ register("train", "pre-train a model from a config or preset (resumable, torchru
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
+    from .sweep.executors import executor_names
+
     p.add_argument("spec", nargs="?", help="sweep spec YAML, or a packaged preset name (demo, paper)")
-    p.add_argument("--out", required=True, metavar="STUDY", help="study directory (created; re-run to resume)")
-    p.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
-                   help="local processes (default), Ray tasks, or SLURM jobs through submitit (spec's slurm: section)")
-    p.add_argument("--parallel", type=int, metavar="N", help="runs at once (local default 1; ray: its CPUs; slurm: all)")
-    p.add_argument("--retry-failed", action="store_true", help="retry failed stages (default: report them, run the rest)")
+    p.add_argument("--out", metavar="STUDY", help="study directory (required; created; re-run to resume)")
+    p.add_argument("--executor", default="local", metavar="NAME",
+                   help=f"where runs execute: {', '.join(executor_names())} (default: local; docs/study.md)")
+    p.add_argument("--parallel", metavar="N", help="runs at once (local default 1; ray: its CPUs; slurm: all)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="retry failed stages (default: report them, run the rest)")
     p.add_argument("--dry-run", action="store_true", help="sync the registry and show what would run, run nothing")
-    p.add_argument("--status", action="store_true", help="print the study's registry overview and exit (no SPEC needed)")
+    p.add_argument("--status", action="store_true",
+                   help="print the study's registry overview and exit (no SPEC needed)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live overview")
 
 
 def _run_sweep(a: argparse.Namespace) -> int:
-    from .sweep import sweep_cli
+    """`moelab sweep SPEC --out STUDY [...]`: exit 0 when every run completed (or, with --executor shell, everything
+    left is in the job scripts), 1 when some failed or remain, 130 when interrupted."""
+    from .sweep.display import print_study
+    from .sweep.executors import get_executor
+    from .sweep.orchestrator import run_sweep
+    from .sweep.paths import check_output_dir
+    from .sweep.preflight import check_stage_commands
+    from .sweep.registry import load_study
+    from .sweep.spec import available_sweep_presets, load_spec
 
-    return sweep_cli(a)
+    if not a.out:
+        raise MoelabError("sweep: --out STUDY is required")
+    if a.status:
+        print_study(load_study(a.out))
+        return 0
+    get_executor(a.executor)
+    parallel = _positive_int("sweep: --parallel", a.parallel)
+    if a.spec is None:
+        raise MoelabError("sweep: give a SPEC (a YAML file or a preset: " + ", ".join(available_sweep_presets()) + ")")
+    check_output_dir(a.out)
+    spec = load_spec(a.spec)
+    check_stage_commands(spec, a.out, _parsers())
+    report = run_sweep(spec, a.out, executor=a.executor, parallel=parallel, retry_failed=a.retry_failed,
+                       dry_run=a.dry_run, progress=None if not a.no_progress else False)
+    print_study(report.runs)
+    c = report.counts
+    print(
+        f"{c.get('completed', 0)} completed, {c.get('failed', 0)} failed, {c.get('pending', 0)} pending, "
+        f"{c.get('running', 0)} running" + (f"; {report.retired} retired run(s) kept" if report.retired else "")
+        + (f"; {len(report.waiting)} in jobs this call does not wait for" if report.waiting else "")
+        + f"; registry: {report.study_dir / 'registry.sqlite'}"
+    )
+    if report.interrupted:
+        return 130
+    return 0 if report.ok or a.dry_run or report.handed_off else 1
 
 
-register("sweep", "run a study: every config of a spec through train → eval (→ post-train → eval), resumable", _sweep_args, _run_sweep)
+register("sweep", "run a study: every config of a spec through train → eval (→ post-train → eval), resumable",
+         _sweep_args, _run_sweep)
 
 
 # ---------------------------------------------------------------------------------------------------------------

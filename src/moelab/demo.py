@@ -14,7 +14,6 @@ floating-point differences, which can grow over training at the demo's high lear
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -22,11 +21,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import MoelabError
+from .sweep.orchestrator import run_sweep
+from .sweep.paths import status_path
+from .sweep.registry import load_study
+from .sweep.spec import SweepSpec, moelab_command_available, read_spec_file, resolve_spec_path
 from .tasks import TASKS as TASKS_REGISTRY, primary_metric
-from .sweep import SweepSpec, load_study, resolve_spec_path, run_sweep, status_path
 
 __all__ = ["demo_spec", "run_demo", "chance_baselines", "stage_times"]
 
@@ -37,7 +37,7 @@ def demo_spec(with_grpo: bool = True, spec: str | Path = "demo") -> SweepSpec:
     """The demo spec, without its ``post_train`` section when ``with_grpo`` is False (run ids do not change:
     they hash the training config only, so a later ``--with-grpo`` run adds the GRPO stages to finished runs)."""
     path = resolve_spec_path(spec)
-    raw = yaml.safe_load(path.read_text())
+    raw = read_spec_file(path)
     if not with_grpo:
         raw.pop("post_train", None)
     s = SweepSpec.parse(raw, str(spec))
@@ -46,9 +46,7 @@ def demo_spec(with_grpo: bool = True, spec: str | Path = "demo") -> SweepSpec:
 
 
 def grpo_available() -> bool:
-    from .cli import COMMANDS
-
-    return "grpo" in COMMANDS
+    return moelab_command_available("grpo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -82,7 +80,9 @@ def chance_baselines(synthetic_dir: str | Path, limit: int | None = None) -> dic
             counts.setdefault(attr, Counter())[value] += 1
     mem = _jsonl(d / "synthetic_memory.jsonl")[:limit]
     mem_hits = sum(it["answer"] == counts[it["attribute"]].most_common(1)[0][0] for it in mem)
-    answers = Counter(final_answer(re.sub(r"^.*?\nAnswer: ", "", r["text"], flags=re.S)) for r in _jsonl(d / "train_reasoning.jsonl"))
+    answers = Counter(
+        final_answer(re.sub(r"^.*?\nAnswer: ", "", r["text"], flags=re.S)) for r in _jsonl(d / "train_reasoning.jsonl")
+    )
     top = answers.most_common(1)[0][0]
     rea = _jsonl(d / "synthetic_reasoning.jsonl")[:limit]
     rea_hits = sum(final_answer(it["answer"]) == top for it in rea)
@@ -102,7 +102,11 @@ def stage_times(study: str | Path) -> dict[str, dict[str, float]]:
         if not row["in_spec"]:
             continue
         for stage in row["stage_states"]:
-            st = json.loads(status_path(row["run_dir"], stage).read_text()) if status_path(row["run_dir"], stage).is_file() else {}
+            st = (
+                json.loads(status_path(row["run_dir"], stage).read_text())
+                if status_path(row["run_dir"], stage).is_file()
+                else {}
+            )
             if st.get("state") != "completed" or st.get("adopted") or not st.get("finished_at"):
                 continue
             agg = out.setdefault(stage, {"n": 0, "wall_s": 0.0, "cpu_s": 0.0, "max_wall_s": 0.0})
@@ -120,7 +124,9 @@ def stage_times(study: str | Path) -> dict[str, dict[str, float]]:
 
 
 def _acc(metrics: dict[str, float] | None, task: str) -> float | None:
-    per_task = {k.split("/", 1)[1]: v for k, v in (metrics or {}).items() if k.startswith(task + "/") and "task_loss" not in k}
+    per_task = {
+        k.split("/", 1)[1]: v for k, v in (metrics or {}).items() if k.startswith(task + "/") and "task_loss" not in k
+    }
     m = primary_metric(task, per_task)
     return per_task.get(m) if m else None
 
@@ -131,14 +137,20 @@ def print_summary(study: Path, spec: SweepSpec, timings: dict[str, float], conso
     from rich.table import Table
 
     console = console or Console(width=160)
-    rows = sorted((r for r in load_study(study) if r["in_spec"]), key=lambda r: (r["active_params"], r["n_experts"], r["top_k"]))
+    rows = sorted(
+        (r for r in load_study(study) if r["in_spec"]), key=lambda r: (r["active_params"], r["n_experts"], r["top_k"])
+    )
     syn = Path(rows[0]["run_dir"]).parent.parent / "data"
     syn_dirs = sorted(p for p in syn.glob("synthetic-*/synthetic") if (p / "manifest.json").is_file())
-    data_dir = next((p for p in syn_dirs if spec.synthetic_root() and spec.synthetic_root().endswith(p.parent.name)), syn_dirs[-1])
+    data_dir = next(
+        (p for p in syn_dirs if spec.synthetic_root() and spec.synthetic_root().endswith(p.parent.name)), syn_dirs[-1]
+    )
     chance = chance_baselines(data_dir, spec.eval.limit if spec.eval else None)
     post = any("post_train" in r["stage_states"] for r in rows)
     t = Table(title=f"{spec.name}: {len(rows)} runs (accuracy on {spec.eval.limit or 'all'} held-out items per task)")
-    for c in ("model", "E", "k", "sparsity", "total", "active", "val loss", "memory acc", "reasoning acc") + (("reasoning after GRPO",) if post else ()):
+    for c in ("model", "E", "k", "sparsity", "total", "active", "val loss", "memory acc", "reasoning acc") + (
+        ("reasoning after GRPO",) if post else ()
+    ):
         t.add_column(c, justify="left" if c == "model" else "right")
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     best: dict[str, tuple[float, str]] = {}
@@ -149,11 +161,29 @@ def print_summary(study: Path, spec: SweepSpec, timings: dict[str, float], conso
                 best[task] = (a, r["name"])
         after = _acc(r["post_eval_metrics"], "synthetic_reasoning") if r.get("post_eval_metrics") else None
         t.add_row(
-            r["name"], str(r["n_experts"]), str(r["top_k"]), f"{1 - r['top_k'] / r['n_experts']:.3f}", f"{r['total_params']:,}",
-            f"{r['active_params']:,}", f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-",
-            pct(accs["synthetic_memory"]), pct(accs["synthetic_reasoning"]), *((pct(after),) if post else ()),
+            r["name"],
+            str(r["n_experts"]),
+            str(r["top_k"]),
+            f"{1 - r['top_k'] / r['n_experts']:.3f}",
+            f"{r['total_params']:,}",
+            f"{r['active_params']:,}",
+            f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-",
+            pct(accs["synthetic_memory"]),
+            pct(accs["synthetic_reasoning"]),
+            *((pct(after),) if post else ()),
         )
-    t.add_row("guessing (answer prior)", "", "", "", "", "", "", pct(chance["synthetic_memory"]), pct(chance["synthetic_reasoning"]), *(("",) if post else ()))
+    t.add_row(
+        "guessing (answer prior)",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        pct(chance["synthetic_memory"]),
+        pct(chance["synthetic_reasoning"]),
+        *(("",) if post else ()),
+    )
     console.print(t)
     for task, (a, name) in best.items():
         console.print(f"best {TASKS[task]}: {name} {pct(a)} (guessing {pct(chance[task])})")
@@ -198,8 +228,11 @@ def run_demo(
         raise KeyboardInterrupt
     if not report.ok:
         failed = [r["run_id"] for r in report.runs if r["status"] == "failed"]
-        print(f"moelab demo: {len(failed)} run(s) failed ({', '.join(failed)}); see `moelab sweep --status --out {study}` "
-              f"and their logs/; re-run with `moelab sweep demo --out {study} --retry-failed`. Reporting the rest.")
+        print(
+            f"moelab demo: {len(failed)} run(s) failed ({', '.join(failed)}); "
+            f"see `moelab sweep --status --out {study}` "
+            f"and their logs/; re-run with `moelab sweep demo --out {study} --retry-failed`. Reporting the rest."
+        )
     t1 = time.perf_counter()
     _, pq, _ = analyze(study)
     timings["analyze"] = time.perf_counter() - t1
@@ -211,8 +244,3 @@ def run_demo(
     print(f"table:  {pq}")
     print(f"report: {index}")
     return index
-
-
-def run_demo_cli(a: argparse.Namespace) -> int:
-    run_demo(a.out, with_grpo=a.with_grpo, parallel=a.parallel, progress=False if a.no_progress else None)
-    return 0
