@@ -108,7 +108,7 @@ BAD = [
     ("nan", [], ["column 'loss'", "row 8", "missing value"]),
     ("text", [], ["column 'D'", "row 1", "not a number", "x1e9"]),
     ("latin1", [], ["latin1.csv:3", "not valid UTF-8"]),
-    ("tpp", [], ["linearly dependent"]),
+    ("tpp", [], ["linear function of log N"]),
     ("two_n", [], ["at least 3 distinct values of N"]),
     ("pct", ["--law", "ladder"], ["column 'acc'", "in [0, 1]"]),
     ("json", [], ["runs.json", "unsupported table type"]),

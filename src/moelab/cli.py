@@ -339,7 +339,7 @@ def _run_law_fit(a: argparse.Namespace) -> int:
 
     if a.law not in laws.LAWS:
         raise MoelabError(f"--law: unknown law {a.law!r} (choose from {', '.join(laws.LAWS)})")
-    columns = laws.parse_columns(a.columns)
+    columns = laws.parse_columns(a.columns, [*laws.ROLES, *laws.law_inputs(a.law)])
     kw = dict(huber_delta=require_float(a.huber_delta, "--huber-delta"),
               n_boot=require_positive_int(a.bootstrap, "--bootstrap"), seed=require_positive_int(a.seed, "--seed"),
               holdout=require_float(a.holdout, "--holdout", 0.0, 1.0, lo_open=False))

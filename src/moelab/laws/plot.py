@@ -57,6 +57,9 @@ def plot_fit(fit: LawFit | LadderFit, path: str | Path) -> Path:
         a2.set_xscale("log")
         a2.set_xlabel("training compute 6·N·D (FLOPs)")
         a2.set_ylabel("log L̂ − log L" if law.form.residual == "log" else "prediction − observed")
+        if held.any():
+            a2.text(0.02, 0.95, "black: held-out runs (residuals of the full fit)", transform=a2.transAxes, fontsize=7,
+                    va="top")
     a2.set_title("residuals" if not isinstance(fit, LadderFit) else "step 2: accuracy vs task loss", fontsize=9)
     fig.tight_layout()
     fmt = path.suffix.lstrip(".").lower() or "png"

@@ -100,12 +100,18 @@ def render(summary: dict[str, Any]) -> None:
         ci = co.get("ci95", {})
         con.print(f"compute-optimal: N* ∝ C^{co['N_opt_exponent']:.3f} {_ci(ci.get('N_opt_exponent'))}, "
                   f"D* ∝ C^{co['D_opt_exponent']:.3f} {_ci(ci.get('D_opt_exponent'))}")
+    at = (co or {}).get("at_flops")
+    if at and "N_opt" in at:
+        ci = at.get("ci95", {})
+        con.print(f"at C = {at['flops']:.3g} FLOPs: N* = {at['N_opt']:.3g} {_ci(ci.get('N_opt'), '.3g')}, "
+                  f"D* = {at['D_opt']:.3g} {_ci(ci.get('D_opt'), '.3g')}, L* = {at['loss_opt']:.4g} "
+                  f"{_ci(ci.get('loss_opt'), '.4g')}")
     for w in summary["warnings"]:
         con.print(f"[yellow]note:[/yellow] {w}")
 
 
-def _ci(ci: list[float] | None) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+def _ci(ci: list[float] | None, fmt: str = ".3f") -> str:
+    return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else ""
 
 
 def require_positive_int(text: str, flag: str, minimum: int = 0) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -32,8 +33,10 @@ STUDY_COLUMNS: dict[str, str] = {
 }
 
 
-def parse_columns(text: str | None) -> dict[str, str]:
-    """``N=total,D=tokens`` -> {"N": "total", "D": "tokens"}; a one-line error for anything else."""
+def parse_columns(text: str | None, allowed: Iterable[str] | None = None) -> dict[str, str]:
+    """``N=total,D=tokens`` -> {"N": "total", "D": "tokens"}; a one-line error for anything else. ``allowed``: the
+    roles accepted (default :data:`ROLES`; a registered form's own roles extend it)."""
+    roles = list(ROLES) if allowed is None else list(dict.fromkeys(allowed))
     out: dict[str, str] = {}
     for part in (text or "").split(","):
         if not part.strip():
@@ -41,8 +44,8 @@ def parse_columns(text: str | None) -> dict[str, str]:
         role, sep, col = (s.strip() for s in part.partition("="))
         if not sep or not role or not col:
             raise DataError(f"--columns: expected ROLE=COLUMN pairs separated by commas (got {part.strip()!r})")
-        if role not in ROLES:
-            raise DataError(f"--columns: unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if role not in roles:
+            raise DataError(f"--columns: unknown role {role!r} (roles: {', '.join(roles)})")
         if role in out:
             raise DataError(f"--columns: role {role!r} given twice")
         out[role] = col
@@ -96,7 +99,7 @@ def law_data(df: pd.DataFrame, roles: tuple[str, ...], columns: dict[str, str] |
     ``defaults`` maps roles to columns before ``columns`` (e.g. :data:`STUDY_COLUMNS`); ``drop_incomplete`` skips
     runs with a missing value (a study's unfinished runs) instead of failing on them.
     """
-    mapping = {r: r for r in ROLES} | (defaults or {}) | (columns or {})
+    mapping = {r: r for r in (*ROLES, *roles)} | (defaults or {}) | (columns or {})
     used: dict[str, str] = {}
     vals: dict[str, np.ndarray] = {}
     for role in roles:
@@ -108,7 +111,7 @@ def law_data(df: pd.DataFrame, roles: tuple[str, ...], columns: dict[str, str] |
             vals[role], used[role] = 1.0 - k / e, f"1 - {mapping['k']}/{mapping['E']}"
         else:
             shown = ", ".join(map(str, df.columns[:12])) + (", ..." if len(df.columns) > 12 else "")
-            raise DataError(f"{where}: no column {col!r} for {role} ({ROLES[role]}); columns: {shown}; "
+            raise DataError(f"{where}: no column {col!r} for {role} ({ROLES.get(role, 'input')}); columns: {shown}; "
                             f"map one with --columns {role}=COLUMN")
     M = np.column_stack([vals[r] for r in roles]) if roles else np.zeros((len(df), 0))
     missing = np.isnan(M)
