@@ -396,3 +396,17 @@ def test_a_new_form_is_one_subclass_and_one_registry_entry(monkeypatch):
     assert r.form.name == "krajewski" and set(laws.law_inputs("krajewski")) == {"N", "D", "G", "loss"}
     np.testing.assert_allclose(r.predict(d), d["loss"], rtol=1e-3)  # the law is recovered (noise 0.01 %)
     assert r.params["gamma"] == pytest.approx(0.58, abs=0.05)
+
+
+def test_ladder_with_a_sparsity_step_one_and_torch_free_import():
+    d = sparse_data()
+    d["task_loss"] = d.pop("loss")
+    d["acc"] = sigmoid_acc(d["task_loss"], np.array([0.7, -8.0, 2.3, 0.25]))
+    r = laws.fit_law("ladder-sparsity", d, n_boot=0, holdout=0)
+    assert r.step1.form.name == "abnar" and set(r.summary()["params"]) == {"task_loss", "accuracy"}
+    np.testing.assert_allclose(r.predict(d), d["acc"], atol=0.01)
+    import subprocess
+    import sys
+
+    code = "import sys, moelab.laws, moelab.laws.plot; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # moelab.laws never imports torch

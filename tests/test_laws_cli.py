@@ -70,6 +70,23 @@ def test_fit_reads_a_study_directory(tmp_path):
     assert s["descriptive"] is True and s["n_points"] == 72  # the completed runs only
 
 
+def test_fit_ladder_json_has_both_steps(tmp_path):
+    g = np.array(list(itertools.product(np.logspace(7.5, 9.5, 5), np.logspace(9, 11, 5))))
+    theta = np.array([math.log(300.0), math.log(900.0), math.log(0.5), 0.3, 0.3])
+    tl = laws.get_form("chinchilla").predict(theta, {"N": g[:, 0], "D": g[:, 1]})
+    acc = 0.25 + 0.7 / (1 + np.exp(4.0 * (tl - 1.8)))
+    path = tmp_path / "ladder.csv"
+    pd.DataFrame({"N": g[:, 0], "D": g[:, 1], "bpb.task": tl, "acc.task": acc}).to_csv(path, index=False)
+    r = run_cli(["fit", path, "--law", "ladder", "--columns", "task_loss=bpb.task,acc=acc.task", "--json",
+                 "--bootstrap", "10"])
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert set(s["params"]) == set(s["ci95"]) == {"task_loss", "accuracy"}
+    assert set(s["params"]["task_loss"]) == {"E", "A", "B", "alpha", "beta"}
+    assert set(s["params"]["accuracy"]) == {"a", "k", "L0", "b"} and s["params"]["accuracy"]["k"] < 0
+    assert "acc_mean_abs_error" in s["holdout"]
+
+
 def _write(path, df: pd.DataFrame) -> str:
     df.to_csv(path, index=False)
     return str(path)
