@@ -3,9 +3,9 @@ Sparsity for Mixture-of-Experts Language Models", ICML 2025, arXiv:2501.12370):
 
     L(N, D, S) = a/N^α + b/D^β + c/(1 − S)^λ + d/((1 − S)^δ · N^γ) + e
 
-N = total parameters, D = training tokens, S = sparsity = fraction of inactive experts = 1 − k/E (docs/paper.md
-§Accounting; S = 0 is dense). Chinchilla's two terms, a term in the density 1 − S alone and one coupling density with
-model size.
+N = total parameters, D = training tokens, S = sparsity = fraction of inactive experts = 1 − k/E (the definition
+Nakamura et al. 2025 also use; S = 0 is dense). Chinchilla's two terms, a term in the density 1 − S alone and one
+coupling density with model size.
 
 Caveat (stated with every fit): the copies of the paper available to us (its abstract and summaries) confirm only
 that the law extends Hoffmann et al.'s with terms in N, D and (1 − S); the exact terms above follow our reading of
