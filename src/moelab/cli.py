@@ -421,6 +421,66 @@ register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a stud
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# fit (moelab.laws)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _law_fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table", help="a .csv/.parquet table of runs, or a study directory (its completed runs)")
+    p.add_argument("--law", required=True, metavar="NAME",
+                   help="chinchilla, ludziejewski, abnar, ladder, ladder-sparsity or surface (docs/laws.md)")
+    p.add_argument("--columns", metavar="ROLE=COL,...", help="map roles to columns, e.g. N=params,D=tokens,loss=val "
+                   "(roles: N N_active D loss E k S task_loss acc; default: columns named like the roles)")
+    p.add_argument("--huber-delta", default="1e-3", metavar="X", help="Huber δ on log residuals (default: %(default)s)")
+    p.add_argument("--bootstrap", default="200", metavar="B",
+                   help="bootstrap replicates over runs (default: %(default)s)")
+    p.add_argument("--seed", default="0", metavar="S", help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--holdout", default="0.1", metavar="FRAC", help="fraction of runs, largest compute first, "
+                   "left out for the extrapolation check (0: none; default: %(default)s)")
+    p.add_argument("--flops", metavar="C", help="also give the compute-optimal allocation at C FLOPs (chinchilla)")
+    p.add_argument("--plot", metavar="F.png", help="write a figure: fit vs data and residuals")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _run_law_fit(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import laws
+    from .laws.run import render, require_float, require_positive_int
+
+    if a.law not in laws.LAWS:
+        raise MoelabError(f"--law: unknown law {a.law!r} (choose from {', '.join(laws.LAWS)})")
+    columns = laws.parse_columns(a.columns, [*laws.ROLES, *laws.law_inputs(a.law)])
+    kw = dict(huber_delta=require_float(a.huber_delta, "--huber-delta"),
+              n_boot=require_positive_int(a.bootstrap, "--bootstrap"), seed=require_positive_int(a.seed, "--seed"),
+              holdout=require_float(a.holdout, "--holdout", 0.0, 1.0, lo_open=False))
+    flops = require_float(a.flops, "--flops") if a.flops is not None else None
+    if a.plot and Path(a.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise MoelabError(f"--plot: {a.plot}: use a .png, .pdf or .svg file name")
+    if Path(a.table).is_dir():  # a study: its completed runs, with the study table's column names
+        from .analysis import build_table, completed_runs
+
+        df, defaults, drop = completed_runs(build_table(a.table), a.table), laws.STUDY_COLUMNS, True
+    else:
+        df, defaults, drop = laws.read_table(a.table), None, False
+    result, info = laws.fit_table(df, a.law, columns, defaults=defaults, drop_incomplete=drop, where=str(a.table), **kw)
+    summary = laws.fit_summary(result, info, flops)
+    if a.plot:
+        from .laws.plot import plot_fit
+
+        summary["plot"] = str(plot_fit(result, a.plot))
+    if a.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        render(summary)
+    return 0
+
+
+register("fit", "fit a published scaling law (Chinchilla, MoE laws, OLMo ladder) to a table of runs (docs/laws.md)",
+         _law_fit_args, _run_law_fit)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # eval / task-loss (moelab.eval)
 # ---------------------------------------------------------------------------------------------------------------
 
