@@ -119,11 +119,11 @@ def test_task_loss_in_eval_scores_prompt_plus_gold_answer(ckpt, data, tmp_path):
     em = EvalModel(ckpt)
     rows = [json.loads(line) for line in (data / "gsm8k" / "test.jsonl").read_text().splitlines()][:3]
     want = task_loss(em, [(f"Question: {r['question']}\nAnswer:", " " + r["answer"]) for r in rows])
-    assert res["gsm8k"]["task_loss"]["bits_per_token"] == pytest.approx(want.bits_per_token, rel=1e-6)
-    assert res["gsm8k"]["task_loss"]["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-6)
+    assert res["gsm8k"]["task_loss"]["bits_per_token"] == pytest.approx(want.bits_per_token, rel=1e-5)
+    assert res["gsm8k"]["task_loss"]["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-5)
     rows = [json.loads(line) for line in (data / "triviaqa" / "validation.jsonl").read_text().splitlines()][:3]
     want = task_loss(em, [(f"Question: {r['question']}?\nAnswer:", " " + r["answer"]["aliases"][0]) for r in rows])
-    assert res["triviaqa"]["task_loss"]["bits_per_token"] == pytest.approx(want.bits_per_token, rel=1e-6)
+    assert res["triviaqa"]["task_loss"]["bits_per_token"] == pytest.approx(want.bits_per_token, rel=1e-5)
 
 
 def test_missing_data_file_names_the_task_and_expected_path(ckpt, tmp_path, capsys):

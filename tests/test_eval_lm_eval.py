@@ -1,5 +1,10 @@
 """The ``moelab`` lm-eval backend against lm-eval's own ``hf`` backend on the same checkpoint (loaded by transformers
-as MixtralForCausalLM): same accuracies, same generations, same log-likelihoods, on local variants of lm-eval's tasks."""
+as MixtralForCausalLM): same accuracies, same generations, same log-likelihoods, on local variants of lm-eval's tasks.
+
+Machine independence: nothing here depends on how well a model trained. The backends are compared with each other on
+the same machine, on a checkpoint whose greedy outputs are fixed by construction (a bigram table with 16-nat margins,
+tests/fixtures/eval/build.py) or with tolerances (1e-3) far above the two implementations' float differences
+(~1e-6) on any CPU."""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 import moelab.lm_eval_backend  # noqa: F401  (registers "moelab")
 from lm_eval import simple_evaluate
@@ -20,16 +24,27 @@ from lm_eval.tasks import TaskManager
 from moelab.eval import export_task_yamls, lm_eval_task_config
 from moelab.lm_eval_backend import MoelabLM
 
-from fixtures.eval.build import build_data_dir, build_trained_checkpoint
+from fixtures.eval.build import build_bigram_checkpoint, build_checkpoint, build_data_dir, corpus_texts, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TASKS = ("gsm8k", "triviaqa", "hellaswag")
 
 
+# After "...Answer:" the constructed model writes "#### 7\nQuestion:" greedily, then loops: every generation hits a stop
+# sequence (GSM8K "Question:", TriviaQA "\n") long before max_gen_toks.
+CHAIN = "#### 7\nQuestion:"
+
+
+@pytest.fixture(scope="module")
+def bigram(tmp_path_factory):
+    return build_bigram_checkpoint(tmp_path_factory.mktemp("bigram_ckpt"), train_tokenizer(corpus_texts()),
+                                   chains={"Answer:": [CHAIN]})
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return build_trained_checkpoint(tmp_path_factory.mktemp("trained_ckpt"))
+    return build_checkpoint(tmp_path_factory.mktemp("random_ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +63,16 @@ def test_backend_is_registered():
     assert get_model("moelab") is MoelabLM
 
 
-def test_moelab_and_hf_backends_agree(ckpt, data):
-    ours = _evaluate("moelab", f"pretrained={ckpt}", data)
-    theirs = _evaluate("hf", f"pretrained={ckpt},dtype=float32", data)
+def test_moelab_and_hf_backends_agree(bigram, data):
+    """Same prompts, generations, filtered answers, log-likelihoods and metrics from both backends.
+
+    Holds on any CPU: the checkpoint's next token depends only on the current one, through a table fixed by
+    construction with the designed token 16 nats above every other, so greedy decoding cannot be tipped by float
+    rounding; the expected generations are known exactly (CHAIN cut at the task's first stop sequence). HellaSwag's
+    log-likelihoods are compared within 1e-3, and the test checks that every item's best ending leads the next by
+    more than 0.05, so the two backends' ~1e-6 differences cannot change acc or acc_norm."""
+    ours = _evaluate("moelab", f"pretrained={bigram}", data)
+    theirs = _evaluate("hf", f"pretrained={bigram},dtype=float32", data)
     for task in TASKS:
         metrics = {k: v for k, v in ours["results"][task].items() if "," in k and "stderr" not in k}
         assert metrics and metrics == {k: theirs["results"][task][k] for k in metrics}, task
@@ -59,13 +81,20 @@ def test_moelab_and_hf_backends_agree(ckpt, data):
             if task == "hellaswag":
                 for (lp_a, g_a), (lp_b, g_b) in zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"]), strict=True):
                     assert lp_a == pytest.approx(lp_b, abs=1e-3) and g_a == g_b
+                lps = sorted(r[0][0] for r in a["resps"])
+                assert lps[-1] - lps[-2] > 0.05, lps  # a margin rounding cannot cross (acc)
+                lens = [len(cont) - 1 for _, cont in a["arguments"]]  # lm-eval: len(choice), delimiter excluded
+                norm = sorted(r[0][0] / n for r, n in zip(a["resps"], lens))
+                assert norm[-1] - norm[-2] > 0.01, norm  # (acc_norm: per byte)
             else:
                 assert a["resps"] == b["resps"] and a["filtered_resps"] == b["filtered_resps"]
-    # The fixture model was trained on GSM8K-style text: generations have structure and stop sequences fire.
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    gens = [s["resps"][0][0] for t in ("gsm8k", "triviaqa") for s in ours["samples"][t]]
-    assert any("####" in g for g in gens)
-    assert any(len(tok.encode(g)) < 35 for g in gens)  # some generations ended at a stop sequence
+    # Stop sequences are honoured: each generation is CHAIN cut at its task's first stop sequence, exactly.
+    for a in ours["samples"]["gsm8k"]:
+        assert a["resps"] == [["#### 7\n"]] and a["filtered_resps"][0] == "7"  # strict-match: the "#### N" number
+    for a in ours["samples"]["triviaqa"]:
+        assert a["resps"] == [["#### 7"]]
+    golds = [s["doc"]["answer"].split("#### ")[-1] for s in ours["samples"]["gsm8k"]]
+    assert ours["results"]["gsm8k"]["exact_match,strict-match"] == sum(g == "7" for g in golds) / len(golds)
 
 
 def test_loglikelihood_rolling_matches_hf_across_windows(ckpt):

@@ -1,6 +1,10 @@
 """GRPO post-training (moelab.rl, `moelab grpo`): the reward's answer rules on tricky answers, a short real GRPO run
 on a tiny model (weights move, metrics logged, a loadable checkpoint), GRPO raising held-out reward on the
-synthetic reasoning task (slow), and the CLI's one-line errors."""
+synthetic reasoning task (slow), and the CLI's one-line errors.
+
+Machine independence: the fast tests start from a policy fixed by construction (:func:`build_policy`), not from a
+trained one, so whether GRPO gets a learning signal does not depend on how well a model trained on this CPU. Only
+the slow test trains a start model, and it asserts margins measured over seeds (its docstring)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from moelab.rl import AnswerReward, evaluate_reward, load_problems, reward_funct
 from moelab.synthetic import write_synthetic
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fixtures.eval.build import EOS, PAD, save_tokenizer, train_tokenizer  # noqa: E402
+from fixtures.eval.build import EOS, PAD, build_bigram_checkpoint, save_tokenizer, train_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -120,12 +124,28 @@ def write_data(root: Path) -> Path:
     return root
 
 
+def synthetic_tokenizer(data: Path):
+    rows = [json.loads(line)["text"] for line in (data / "synthetic" / "train_reasoning.jsonl").read_text().splitlines()]
+    return train_tokenizer(rows + ["Question: Answer: ####\n 0123456789"], vocab_size=512)
+
+
+def build_policy(out: Path, data: Path) -> Path:
+    """A start policy whose rollouts are fixed by construction (a bigram table, tests/fixtures/eval/build.py): after
+    "Answer:" it writes "#### D" (D a uniformly drawn digit) or " apples", each with probability 1/2 (exactly equal
+    logits), then EOS. Rewards (correct + 0.5 × format) are then 0, 0.5 or 1.5, and a group of 4 completions has
+    equal rewards with probability at most 2 × (1/2)^4 = 1/8; the 12 groups of FAST's 3 steps all do with
+    probability 8^-12 ≈ 1e-11 — whatever the CPU, a run has a learning signal."""
+    digits = [str(d) for d in range(10)]
+    choices = {"Answer:": ["####", " apples"], "####": [" "], " ": digits, " apples": [EOS], **{d: [EOS] for d in digits}}
+    return build_bigram_checkpoint(out, synthetic_tokenizer(data), choices=choices, max_seq_len=128)
+
+
 def build_start(out: Path, data: Path, steps: int, seed: int = 0, lr: float = 3e-3) -> Path:
     """A tiny MoE pre-trained for ``steps`` steps on the synthetic training problems, one ``Question: …\\nAnswer: …``
     document per row ending in EOS, with its BPE tokenizer, as a HF Mixtral checkpoint directory."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line)["text"] for line in (data / "synthetic" / "train_reasoning.jsonl").read_text().splitlines()]
-    tok = train_tokenizer(rows + ["Question: Answer: ####\n 0123456789"], vocab_size=512)
+    tok = synthetic_tokenizer(data)
     save_tokenizer(tok, out)
     eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=2, ffn_hidden=128, n_experts=4,
@@ -165,8 +185,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def start(data, tmp_path_factory) -> Path:
-    """Briefly pre-trained: it writes the solution format and gets an answer right now and then."""
-    return build_start(tmp_path_factory.mktemp("start"), data, steps=40)
+    return build_policy(tmp_path_factory.mktemp("start"), data)
 
 
 # Small enough for seconds per step on one CPU thread; the router's aux loss and weight decay are off, so any
