@@ -79,7 +79,8 @@ def test_moelab_and_hf_backends_agree(bigram, data):
         for a, b in zip(ours["samples"][task], theirs["samples"][task], strict=True):
             assert a["arguments"] == b["arguments"]  # same prompts (lm-eval's few-shot sampling, same seed)
             if task == "hellaswag":
-                for (lp_a, g_a), (lp_b, g_b) in zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"]), strict=True):
+                pairs = zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"]), strict=True)
+                for (lp_a, g_a), (lp_b, g_b) in pairs:
                     assert lp_a == pytest.approx(lp_b, abs=1e-3) and g_a == g_b
                 lps = sorted(r[0][0] for r in a["resps"])
                 assert lps[-1] - lps[-2] > 0.05, lps  # a margin rounding cannot cross (acc)
@@ -103,7 +104,8 @@ def test_loglikelihood_rolling_matches_hf_across_windows(ckpt):
     texts = ["Question: How many legs does a spider have?\nAnswer: Eight", "A baker makes 12 muffins. " * 6]
     reqs = [Instance("loglikelihood_rolling", {}, (t,), 0) for t in texts]
     ours = MoelabLM(pretrained=str(ckpt), max_length=24, batch_size=2, progress=False).loglikelihood_rolling(reqs)
-    theirs = HFLM(pretrained=str(ckpt), max_length=24, batch_size=2, device="cpu", dtype="float32").loglikelihood_rolling(reqs, disable_tqdm=True)
+    hf = HFLM(pretrained=str(ckpt), max_length=24, batch_size=2, device="cpu", dtype="float32")
+    theirs = hf.loglikelihood_rolling(reqs, disable_tqdm=True)
     assert ours == pytest.approx(theirs, abs=1e-3)
 
 
@@ -119,7 +121,7 @@ def test_exported_yamls_are_lm_evals_own_tasks_with_local_data(tmp_path, data):
     assert len(task.eval_docs) == 5 and task.config.num_fewshot == 4
 
 
-def test_moelab_lm_eval_passes_lm_evals_arguments_through(monkeypatch, data):
+def test_moelab_lm_eval_passes_lm_evals_arguments_through(monkeypatch, data, capsys):
     """`moelab lm-eval ARGS` = lm-eval's CLI on ARGS (legacy form without `run` included), with the backend registered
     and --moelab_data_dir turned into an --include_path of local task YAMLs that exists while the CLI runs."""
     import lm_eval.__main__
@@ -130,7 +132,8 @@ def test_moelab_lm_eval_passes_lm_evals_arguments_through(monkeypatch, data):
 
     def fake_cli():
         inc = Path(sys.argv[sys.argv.index("--include_path") + 1]) if "--include_path" in sys.argv else None
-        seen.append((list(sys.argv[1:]), inc, sorted(p.name for p in inc.iterdir()) if inc else None, get_model("moelab")))
+        yamls = sorted(p.name for p in inc.iterdir()) if inc else None
+        seen.append((list(sys.argv[1:]), inc, yamls, get_model("moelab")))
 
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
     monkeypatch.setattr(sys, "argv", ["moelab"])
@@ -138,19 +141,23 @@ def test_moelab_lm_eval_passes_lm_evals_arguments_through(monkeypatch, data):
     assert main(["lm-eval", *args[:6], "--moelab_data_dir", str(data), *args[6:]]) == 0
     argv, inc, yamls, model = seen[-1]
     assert argv == [*args, "--include_path", str(inc)] and model is MoelabLM
-    assert yamls == ["gsm8k.yaml", "gsm_plus_mini.yaml", "hellaswag.yaml", "triviaqa.yaml"] and not inc.exists()  # cleaned up
+    assert yamls == ["gsm8k.yaml", "gsm_plus_mini.yaml", "hellaswag.yaml", "triviaqa.yaml"]
+    assert not inc.exists()  # cleaned up
     assert main(["lm-eval", "run", "-h", f"--moelab_data_dir={data}"]) == 0
     assert seen[-1][0][:2] == ["run", "-h"] and seen[-1][2] == yamls
     assert main(["lm-eval", "ls", "tasks"]) == 0 and seen[-1][0] == ["ls", "tasks"] and seen[-1][1] is None
-    with pytest.raises(SystemExit, match="no task's data files"):
-        main(["lm-eval", "--tasks", "gsm8k", "--moelab_data_dir", str(data / "nope")])
+    empty = data.parent / "empty_data"
+    empty.mkdir()
+    assert main(["lm-eval", "--tasks", "gsm8k", "--moelab_data_dir", str(empty)]) == 2
+    assert "no task's data files found" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # lm-eval's CLI indexes its ~14k built-in tasks first (~40 s)
 def test_lm_eval_cli_wrapper_runs_the_moelab_backend(ckpt, data, tmp_path):
     out = tmp_path / "res"
     cmd = [sys.executable, "-m", "moelab.cli", "lm-eval", "--model", "moelab", "--model_args", f"pretrained={ckpt}",
-           "--tasks", "triviaqa", "--moelab_data_dir", str(data), "--limit", "2", "--num_fewshot", "1", "--output_path", str(out)]
+           "--tasks", "triviaqa", "--moelab_data_dir", str(data), "--limit", "2", "--num_fewshot", "1",
+           "--output_path", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (res_file,) = list(out.rglob("results_*.json"))
