@@ -121,7 +121,7 @@ def test_exported_yamls_are_lm_evals_own_tasks_with_local_data(tmp_path, data):
     assert len(task.eval_docs) == 5 and task.config.num_fewshot == 4
 
 
-def test_moelab_lm_eval_passes_lm_evals_arguments_through(monkeypatch, data, capsys):
+def test_moelab_lm_eval_passes_lm_evals_arguments_through(monkeypatch, ckpt, data, capsys):
     """`moelab lm-eval ARGS` = lm-eval's CLI on ARGS (legacy form without `run` included), with the backend registered
     and --moelab_data_dir turned into an --include_path of local task YAMLs that exists while the CLI runs."""
     import lm_eval.__main__
@@ -137,7 +137,8 @@ def test_moelab_lm_eval_passes_lm_evals_arguments_through(monkeypatch, data, cap
 
     monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
     monkeypatch.setattr(sys, "argv", ["moelab"])
-    args = ["--model", "moelab", "--model_args", "pretrained=CKPT", "--tasks", "gsm8k", "--limit", "2"]
+    # a real checkpoint: the wrapper checks pretrained= (safetensors) before handing over to lm-eval
+    args = ["--model", "moelab", "--model_args", f"pretrained={ckpt}", "--tasks", "gsm8k", "--limit", "2"]
     assert main(["lm-eval", *args[:6], "--moelab_data_dir", str(data), *args[6:]]) == 0
     argv, inc, yamls, model = seen[-1]
     assert argv == [*args, "--include_path", str(inc)] and model is MoelabLM
