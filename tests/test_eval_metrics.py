@@ -11,7 +11,9 @@ import pytest
 from lm_eval.api.metrics import exact_match_hf_evaluate
 from lm_eval.tasks import TaskManager
 
-from moelab.eval import answer_extractors, coverage_unbiased, exact_match_normalizer, lm_eval_task_config, majority_vote, sample_sizes, sc_metrics
+from moelab.answers import answer_extractors, exact_match_normalizer
+from moelab.eval import coverage_unbiased, majority_vote, sample_sizes, sc_metrics
+from moelab.taskdata import lm_eval_task_config
 
 from fixtures.eval.build import build_data_dir
 

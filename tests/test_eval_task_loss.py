@@ -57,7 +57,8 @@ def test_task_loss_cli_equals_transformers_reference(ckpt, tmp_path, capsys):
     f.write_text(json.dumps(ITEMS))
     per_item = tmp_path / "per_item.jsonl"
     out = tmp_path / "res.json"
-    assert main(["task-loss", "--model", str(ckpt), "--file", str(f), "--per-item", str(per_item), "--out", str(out), "--batch-size", "3", "--no-progress"]) == 0
+    assert main(["task-loss", "--model", str(ckpt), "--file", str(f), "--per-item", str(per_item), "--out", str(out),
+                 "--batch-size", "3", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == summary
     ref = _reference(ckpt, ITEMS)
@@ -122,4 +123,5 @@ def test_answer_longer_than_the_context_is_a_one_line_error(tmp_path, capsys):
     f.write_text(json.dumps(ITEMS))
     assert main(["task-loss", "--model", str(small), "--file", str(f), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("moelab: error: task loss: item 0: the answer has ") and err.endswith("more than the model's context of 8")
+    assert err.startswith("moelab: error: task loss: item 0: the answer has ")
+    assert err.endswith("more than the model's context of 8")

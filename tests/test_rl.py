@@ -1,6 +1,10 @@
 """GRPO post-training (moelab.rl, `moelab grpo`): the reward's answer rules on tricky answers, a short real GRPO run
 on a tiny model (weights move, metrics logged, a loadable checkpoint), GRPO raising held-out reward on the
-synthetic reasoning task (slow), and the CLI's one-line errors."""
+synthetic reasoning task (slow), and the CLI's one-line errors.
+
+Machine independence: the fast tests start from a policy fixed by construction (:func:`build_policy`), not from a
+trained one, so whether GRPO gets a learning signal does not depend on how well a model trained on this CPU. Only
+the slow test trains a start model, and it asserts margins measured over seeds (its docstring)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from moelab.rl import AnswerReward, evaluate_reward, load_problems, reward_funct
 from moelab.synthetic import write_synthetic
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fixtures.eval.build import EOS, PAD, save_tokenizer, train_tokenizer  # noqa: E402
+from fixtures.eval.build import EOS, PAD, build_bigram_checkpoint, save_tokenizer, train_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -120,12 +124,31 @@ def write_data(root: Path) -> Path:
     return root
 
 
+def synthetic_tokenizer(data: Path):
+    lines = (data / "synthetic" / "train_reasoning.jsonl").read_text().splitlines()
+    rows = [json.loads(line)["text"] for line in lines]
+    return train_tokenizer(rows + ["Question: Answer: ####\n 0123456789"], vocab_size=512)
+
+
+def build_policy(out: Path, data: Path) -> Path:
+    """A start policy whose rollouts are fixed by construction (a bigram table, tests/fixtures/eval/build.py): after
+    "Answer:" it writes "#### D" (D a uniformly drawn digit) or " apples", each with probability 1/2 (exactly equal
+    logits), then EOS. Rewards (correct + 0.5 × format) are then 0, 0.5 or 1.5, and a group of 4 completions has
+    equal rewards with probability at most 2 × (1/2)^4 = 1/8; the 12 groups of FAST's 3 steps all do with
+    probability 8^-12 ≈ 1e-11 — whatever the CPU, a run has a learning signal."""
+    digits = [str(d) for d in range(10)]
+    choices = {"Answer:": ["####", " apples"], "####": [" "], " ": digits, " apples": [EOS],
+               **{d: [EOS] for d in digits}}
+    return build_bigram_checkpoint(out, synthetic_tokenizer(data), choices=choices, max_seq_len=128)
+
+
 def build_start(out: Path, data: Path, steps: int, seed: int = 0, lr: float = 3e-3) -> Path:
     """A tiny MoE pre-trained for ``steps`` steps on the synthetic training problems, one ``Question: …\\nAnswer: …``
     document per row ending in EOS, with its BPE tokenizer, as a HF Mixtral checkpoint directory."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line)["text"] for line in (data / "synthetic" / "train_reasoning.jsonl").read_text().splitlines()]
-    tok = train_tokenizer(rows + ["Question: Answer: ####\n 0123456789"], vocab_size=512)
+    lines = (data / "synthetic" / "train_reasoning.jsonl").read_text().splitlines()
+    rows = [json.loads(line)["text"] for line in lines]
+    tok = synthetic_tokenizer(data)
     save_tokenizer(tok, out)
     eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), d_model=64, n_layers=2, n_heads=2, ffn_hidden=128, n_experts=4,
@@ -165,15 +188,15 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def start(data, tmp_path_factory) -> Path:
-    """Briefly pre-trained: it writes the solution format and gets an answer right now and then."""
-    return build_start(tmp_path_factory.mktemp("start"), data, steps=40)
+    return build_policy(tmp_path_factory.mktemp("start"), data)
 
 
 # Small enough for seconds per step on one CPU thread; the router's aux loss and weight decay are off, so any
 # change of the weights comes from the reward's advantages (the KL term has no gradient before the policy moves).
 FAST = ["--steps", "3", "--prompts-per-step", "4", "--num-generations", "4", "--max-prompt-tokens", "48",
-        "--max-completion-tokens", "40", "--lr", "1e-3", "--answer-filter", "flexible-extract", "--format-reward", "0.5",
-        "--router-aux-loss-coef", "0", "--weight-decay", "0", "--eval-prompts", "6", "--eval-samples", "2", "--seed", "3"]
+        "--max-completion-tokens", "40", "--lr", "1e-3", "--answer-filter", "flexible-extract",
+        "--format-reward", "0.5", "--router-aux-loss-coef", "0", "--weight-decay", "0", "--eval-prompts", "6",
+        "--eval-samples", "2", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +204,8 @@ def fast_run(start, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo") / "model"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["grpo", "--model", str(start), "--task", "synthetic_reasoning", "--data-dir", str(data), "--out", str(out),
-                   "--preset", "cpu", "--no-progress", *FAST])
+        rc = main(["grpo", "--model", str(start), "--task", "synthetic_reasoning", "--data-dir", str(data),
+                   "--out", str(out), "--preset", "cpu", "--no-progress", *FAST])
     assert rc == 0
     return out, buf.getvalue()
 
@@ -206,7 +229,8 @@ def test_grpo_cli_trains_logs_and_writes_a_moelab_checkpoint(fast_run, start):
     rows = [json.loads(line) for line in (out / "grpo_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert {"reward", "reward_std", "kl", "rewards/correct/mean", "rewards/format/mean", "loss", "entropy"} <= set(r)
+        assert {"reward", "reward_std", "kl", "rewards/correct/mean", "rewards/format/mean", "loss",
+                "entropy"} <= set(r)
         assert r["reward"] == pytest.approx(r["rewards/correct/mean"] + 0.5 * r["rewards/format/mean"], abs=1e-6)
     assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 0.0
     assert any(r["reward_std"] > 0 for r in rows)  # a non-zero learning signal
@@ -263,14 +287,16 @@ def test_load_problems_reads_training_documents_and_test_records(data):
         (["--steps", "0"], "steps: Input should be greater than 0"),
         (["--num-generations", "1"], "num_generations: Input should be greater than or equal to 2"),
         (["--loss-type", "ppo"], "loss_type: Input should be"),
-        (["--prompts-per-step", "6", "--prompts-per-rollout", "4"], "prompts_per_rollout (4) must divide prompts_per_step (6)"),
+        (["--prompts-per-step", "6", "--prompts-per-rollout", "4"],
+         "prompts_per_rollout (4) must divide prompts_per_step (6)"),
         (["--max-prompt-tokens", "100", "--max-completion-tokens", "100"], "exceed the model's max_seq_len (128)"),
         (["--config", "/nonexistent/grpo.yaml"], "/nonexistent/grpo.yaml: no such config file"),
         (["--prompt-template", "Q: {q}"], "prompt_template"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(start, data, tmp_path, capsys, extra, message):
-    argv = ["grpo", "--model", str(start), "--task", "synthetic_reasoning", "--data-dir", str(data), "--out", str(tmp_path / "o"),
+    argv = ["grpo", "--model", str(start), "--task", "synthetic_reasoning", "--data-dir", str(data),
+            "--out", str(tmp_path / "o"),
             "--preset", "cpu", "--max-prompt-tokens", "48", "--max-completion-tokens", "40"]
     assert main(argv + extra) == 2
     err = capsys.readouterr().err.strip()
@@ -279,22 +305,25 @@ def test_cli_bad_input_is_one_line_exit_2(start, data, tmp_path, capsys, extra, 
 
 def test_cli_bad_paths_are_one_line_exit_2(start, data, tmp_path, capsys):
     def run(model, data_dir, out):
-        rc = main(["grpo", "--model", str(model), "--task", "synthetic_reasoning", "--data-dir", str(data_dir), "--out", str(out),
+        rc = main(["grpo", "--model", str(model), "--task", "synthetic_reasoning", "--data-dir", str(data_dir),
+                   "--out", str(out),
                    "--preset", "cpu", "--max-prompt-tokens", "48", "--max-completion-tokens", "40"])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.startswith("moelab: error: ") and "\n" not in err
         return err
 
-    assert "no config.json" in run(tmp_path / "nope", data, tmp_path / "o")
+    assert "not a checkpoint directory" in run(tmp_path / "nope", data, tmp_path / "o")
     assert "is the input checkpoint" in run(start, data, start)
-    assert "missing data file" in run(start, tmp_path, tmp_path / "o") and "synthetic/train_reasoning" in run(start, tmp_path, tmp_path / "o")
+    err = run(start, tmp_path, tmp_path / "o")
+    assert "missing data file" in err and "synthetic/train_reasoning" in err
     bad = tmp_path / "bad"
     (bad / "synthetic").mkdir(parents=True)
     (bad / "synthetic" / "train_reasoning.jsonl").write_text('{"text": "Question: q\\nAnswer: #### 1"}\n{oops\n')
     assert "train_reasoning.jsonl:2: invalid JSON" in run(start, bad, tmp_path / "o")
     cfg = tmp_path / "g.yaml"
     cfg.write_text("steps: [1, 2]\n")
-    assert main(["grpo", "--model", str(start), "--task", "synthetic_reasoning", "--data-dir", str(data), "--out", str(tmp_path / "o"),
+    assert main(["grpo", "--model", str(start), "--task", "synthetic_reasoning", "--data-dir", str(data),
+                 "--out", str(tmp_path / "o"),
                  "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"moelab: error: {cfg}: steps:")

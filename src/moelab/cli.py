@@ -12,7 +12,7 @@ import sys
 from typing import Callable
 
 from .errors import MoelabError
-from .tasks import grpo_tasks, task_names
+from .tasks import TASKS, answer_tasks, grpo_tasks, task_names
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None], str]] = {}
 
@@ -20,6 +20,20 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[a
 def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int | None]) -> None:
     """Add a subcommand: ``add_args(parser)`` declares its arguments, ``run(args)`` executes it."""
     COMMANDS[name] = (add_args, run, help)
+
+
+def _one_line_errors(p: argparse.ArgumentParser) -> None:
+    """A parser's argument errors (``--limit abc``) as one line ``moelab: error: …`` with exit code 2 instead
+    of argparse's usage block. A parser class with its own ``error`` (e.g. a checking parser) is left alone."""
+    if type(p).error is not argparse.ArgumentParser.error:
+        return
+
+    def error(message: str):
+        where = p.prog.removeprefix("moelab").strip()
+        print(f"moelab: error: {where + ': ' if where else ''}{message}", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = error  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -214,17 +228,7 @@ register("demo", "the miniature study: sweep → analyze → report on synthetic
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _one_line_errors(p: argparse.ArgumentParser) -> None:
-    """argparse's own errors (``--stop-after-steps abc``) as the one line every other user error is."""
-
-    def error(message: str):
-        p.exit(2, f"moelab: error: {p.prog.removeprefix('moelab ')}: {message}\n")
-
-    p.error = error
-
-
 def _train_args(p: argparse.ArgumentParser) -> None:
-    _one_line_errors(p)
     p.add_argument("config", nargs="?", help="run config YAML (model / data / train [/ synthetic])")
     p.add_argument("--preset", help="a packaged config instead of CONFIG: smoke (< 1 min CPU), small (~5 min CPU)")
     p.add_argument("--out", help="run directory to create (required unless --resume)")
@@ -481,23 +485,30 @@ register("fit", "fit a published scaling law (Chinchilla, MoE laws, OLMo ladder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# eval / task-loss (moelab.eval)
+# eval / task-loss / lm-eval (moelab.eval, moelab.taskloss, moelab.lm_eval_cli)
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_CKPT_HELP = "checkpoint directory (HF Mixtral safetensors + tokenizer)"
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF Mixtral format + tokenizer)")
+    p.add_argument("--model", required=True, metavar="DIR", help=_CKPT_HELP)
     p.add_argument("--tasks", required=True, help="comma-separated: " + ",".join(task_names()))
     p.add_argument("--data-dir", required=True, metavar="DATA", help="local data files (layout: docs/evaluation.md)")
     p.add_argument("--out", required=True, metavar="RESULT.json", help="where to write the results (atomically)")
     p.add_argument("--limit", type=int, metavar="N", help="first N items of each task")
-    p.add_argument("--num-fewshot", type=int, metavar="K", help="override every task's few-shot count (default: the paper's)")
+    p.add_argument("--num-fewshot", type=int, metavar="K",
+                   help="override every task's few-shot count (default: the paper's)")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per forward pass (default 16)")
-    p.add_argument("--max-gen-toks", type=int, metavar="N", help="override generation tasks' max new tokens (lm-eval default 256)")
+    p.add_argument("--max-gen-toks", type=int, metavar="N",
+                   help="override generation tasks' max new tokens (lm-eval default 256)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling and generation seed (lm-eval's default 1234)")
-    p.add_argument("--self-consistency", type=int, default=0, metavar="N", help="N samples per question on GSM-style tasks (0 = off)")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="few-shot sampling and generation seed (lm-eval's default 1234)")
+    p.add_argument("--self-consistency", type=int, default=0, metavar="N",
+                   help=f"N samples per question on tasks with final answers ({','.join(answer_tasks())}; 0 = off)")
     p.add_argument("--sc-temperature", type=float, default=0.6)
     p.add_argument("--sc-top-p", type=float, default=0.95)
     p.add_argument("--sc-max-new-tokens", type=int, default=1024)
@@ -505,43 +516,44 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(a: argparse.Namespace) -> int:
-    from .eval import EvalSettings, run_eval, write_result
+    from .evalsettings import EvalSettings, check_output_file
 
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-    for flag, v, lo in (("--limit", a.limit, 1), ("--num-fewshot", a.num_fewshot, 0), ("--batch-size", a.batch_size, 1),
-                        ("--max-gen-toks", a.max_gen_toks, 1), ("--self-consistency", a.self_consistency, 0), ("--sc-max-new-tokens", a.sc_max_new_tokens, 1)):
-        if v is not None and v < lo:
-            raise MoelabError(f"eval: {flag} must be >= {lo} (got {v})")
-    if not (a.sc_temperature > 0 and 0 < a.sc_top_p <= 1):
-        raise MoelabError("eval: --sc-temperature must be > 0 and --sc-top-p in (0, 1]")
     settings = EvalSettings(
-        tasks=tasks, data_dir=a.data_dir, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size, device=a.device,
-        dtype=a.dtype, seed=a.seed, self_consistency=a.self_consistency, sc_temperature=a.sc_temperature, sc_top_p=a.sc_top_p,
-        sc_max_new_tokens=a.sc_max_new_tokens, max_gen_toks=a.max_gen_toks,
+        tasks=tasks, data_dir=a.data_dir, limit=a.limit, num_fewshot=a.num_fewshot, batch_size=a.batch_size,
+        device=a.device, dtype=a.dtype, seed=a.seed, self_consistency=a.self_consistency,
+        sc_temperature=a.sc_temperature, sc_top_p=a.sc_top_p, sc_max_new_tokens=a.sc_max_new_tokens,
+        max_gen_toks=a.max_gen_toks,
     )
+    settings.check()  # torch-free: flag errors come before any heavy import
+    check_output_file(a.out, "eval: --out")
+    from .eval import run_eval, write_result
+
     result = run_eval(a.model, settings, progress=not a.no_progress)
     write_result(a.out, result)
     for name, t in result["tasks"].items():
-        acc = ", ".join(f"{k}={v:.4f}" for k, v in t["accuracy"].items() if "stderr" not in k and isinstance(v, (int, float)))
+        acc = ", ".join(f"{k}={v:.4f}" for k, v in t["accuracy"].items()
+                        if "stderr" not in k and isinstance(v, (int, float)))
         tl = t["task_loss"]
-        loss = f"task loss {tl['bits_per_token']:.4f} bits/token, {tl['bits_per_byte']:.4f} bits/byte" if tl else f"no task loss ({t.get('task_loss_error')})"
+        loss = (f"task loss {tl['bits_per_token']:.4f} bits/token, {tl['bits_per_byte']:.4f} bits/byte" if tl
+                else f"no task loss ({t.get('task_loss_error')})")
         print(f"{name}: {acc} | {loss} | n={t['n_items']}")
         sc = t.get("self_consistency")
-        if sc:
-            for filt, m in sc.items():
-                if isinstance(m, dict) and "majority" in m:
-                    n = max(m["majority"], key=int)
-                    print(f"{name} self-consistency ({filt}, T={sc['temperature']}): one sample {m['majority']['1']:.4f}, "
-                          f"maj@{n}={m['majority'][n]:.4f}, coverage@{n}={m['coverage'][n]:.4f}")
+        for filt, m in (sc or {}).items():
+            if isinstance(m, dict) and "majority" in m:
+                n = max(m["majority"], key=int)
+                print(f"{name} self-consistency ({filt}, T={sc['temperature']}): one sample {m['majority']['1']:.4f}, "
+                      f"maj@{n}={m['majority'][n]:.4f}, coverage@{n}={m['coverage'][n]:.4f}")
     print(f"wrote {a.out}")
     return 0
 
 
-register("eval", "accuracy (lm-eval task definitions), task loss and self-consistency of a checkpoint", _eval_args, _run_eval)
+register("eval", "accuracy (lm-eval task definitions), task loss and self-consistency of a checkpoint", _eval_args,
+         _run_eval)
 
 
 def _task_loss_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF Mixtral format + tokenizer)")
+    p.add_argument("--model", required=True, metavar="DIR", help=_CKPT_HELP)
     p.add_argument("--file", required=True, metavar="FILE.json", help='JSON list of {"prompt": ..., "answer": ...}')
     p.add_argument("--per-item", metavar="OUT.jsonl", help="also write one JSON line per item")
     p.add_argument("--out", metavar="RESULT.json", help="also write the summary JSON here (atomically)")
@@ -552,14 +564,28 @@ def _task_loss_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_task_loss(a: argparse.Namespace) -> int:
-    from .eval import EvalModel, read_task_loss_file, task_loss, write_result
-    from .fileio import write_jsonl_atomic
+    from pathlib import Path
+
+    from .evalsettings import check_device_name, check_output_file
 
     if a.batch_size < 1:
         raise MoelabError(f"task-loss: --batch-size must be >= 1 (got {a.batch_size})")
+    check_device_name(a.device, "task-loss: --device")
+    outs = [(flag, path) for flag, path in (("--per-item", a.per_item), ("--out", a.out)) if path]
+    for flag, path in outs:
+        check_output_file(path, f"task-loss: {flag}")
+    if len(outs) == 2 and Path(a.per_item).resolve() == Path(a.out).resolve():
+        raise MoelabError(f"task-loss: --per-item and --out are the same file ({a.out})")
+    from .eval import write_result
+    from .evalmodel import EvalModel, check_device
+    from .fileio import write_jsonl_atomic
+    from .taskloss import read_task_loss_file, task_loss
+
+    check_device(a.device, "task-loss: --device")
     items = read_task_loss_file(a.file)
     em = EvalModel(a.model, device=a.device, dtype=a.dtype)
-    res = task_loss(em, [(it["prompt"], it["answer"]) for it in items], batch_size=a.batch_size, progress=not a.no_progress)
+    pairs = [(it["prompt"], it["answer"]) for it in items]
+    res = task_loss(em, pairs, batch_size=a.batch_size, progress=not a.no_progress)
     summary = {"model": str(a.model), "file": str(a.file), **res.summary()}
     if a.per_item:
         write_jsonl_atomic(a.per_item, [{"index": i, **row} for i, row in enumerate(res.items)])
@@ -569,23 +595,26 @@ def _run_task_loss(a: argparse.Namespace) -> int:
     return 0
 
 
-register("task-loss", "bits/token and bits/byte of gold answers given prompts (PAPER.md task loss)", _task_loss_args, _run_task_loss)
+register("task-loss", "bits/token and bits/byte of gold answers given prompts (docs/paper.md task loss)",
+         _task_loss_args, _run_task_loss)
 
 
 def _lm_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS",
-                   help="lm-eval's own arguments, e.g. --model moelab --model_args pretrained=DIR --tasks gsm8k --moelab_data_dir DATA")
+                   help="lm-eval's own arguments, e.g. --model moelab --model_args pretrained=DIR --tasks gsm8k "
+                        "--moelab_data_dir DATA (local variants of " + ",".join(task_names()) + ")")
     p.prefix_chars = "\0"  # no option of ours: every argument (even -h, --model) is passed through to lm-eval's parser
 
 
 def _run_lm_eval(a: argparse.Namespace) -> int:
-    from .lm_eval_cli import main as lm_eval_main
+    from .lm_eval_cli import run as lm_eval_run
 
-    lm_eval_main(a.lm_eval_args)
-    return 0
+    return lm_eval_run(a.lm_eval_args)
 
 
-register("lm-eval", "lm-evaluation-harness's own CLI (`lm_eval ...`) with the moelab backend registered (docs/evaluation.md)", _lm_eval_args, _run_lm_eval)
+register("lm-eval",
+         "lm-evaluation-harness's own CLI (`lm_eval ...`) with the moelab backend registered (docs/evaluation.md)",
+         _lm_eval_args, _run_lm_eval)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -596,13 +625,17 @@ register("lm-eval", "lm-evaluation-harness's own CLI (`lm_eval ...`) with the mo
 def _grpo_args(p: argparse.ArgumentParser) -> None:
     from .config import GRPOConfig
 
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (HF Mixtral format + tokenizer)")
+    p.add_argument("--model", required=True, metavar="DIR", help=_CKPT_HELP)
     p.add_argument("--task", required=True, help=" or ".join(grpo_tasks()))
-    p.add_argument("--data-dir", required=True, metavar="DATA", help="local data files (gsm8k/train, synthetic/train_reasoning, test splits)")
-    p.add_argument("--out", required=True, metavar="DIR2", help="output checkpoint directory (+ grpo.json, grpo_metrics.jsonl)")
-    p.add_argument("--preset", default="paper", help="starting settings: paper (default; the paper's verl run) or cpu (tiny models, minutes)")
+    p.add_argument("--data-dir", required=True, metavar="DATA",
+                   help="local data files (" + ", ".join(TASKS[t].grpo_train for t in grpo_tasks()) + ", test splits)")
+    p.add_argument("--out", required=True, metavar="DIR2",
+                   help="output checkpoint directory (+ grpo.json, grpo_metrics.jsonl)")
+    p.add_argument("--preset", default="paper",
+                   help="starting settings: paper (default; the paper's verl run) or cpu (tiny models, minutes)")
     p.add_argument("--config", metavar="GRPO.yaml", help="a YAML mapping of GRPOConfig fields (over the preset)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a GRPOConfig field, e.g. beta=0 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a GRPOConfig field, e.g. beta=0 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the whole summary (grpo.json) instead of the short one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     # Every GRPOConfig field as its own flag (--num-generations 4, --lr 1e-5), so a sweep's `post_train.args`
@@ -614,34 +647,48 @@ def _grpo_args(p: argparse.ArgumentParser) -> None:
         fields.add_argument(*flags, dest=f"grpo_{name}", metavar="V", help=f"default {field.default!r}", **kw)
 
 
-def _run_grpo(a: argparse.Namespace) -> int:
+def _yaml_scalar(text: str):
+    """A flag value as a YAML scalar ("1e-3", "true", "null"); anything else stays the raw string."""
     import yaml
 
-    from .config import GRPOConfig, load_yaml
-    from .rl import PRESETS, run_grpo
+    if text == "None":  # what a sweep writes for str(None)
+        return None
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return v if v is None or isinstance(v, (str, int, float, bool)) else text
 
-    def scalar(text: str):  # a YAML scalar ("1e-3", "true", "null"); anything else stays the raw string
-        if text == "None":  # what a sweep writes for str(None)
-            return None
-        try:
-            v = yaml.safe_load(text)
-        except yaml.YAMLError:
-            return text
-        return v if v is None or isinstance(v, (str, int, float, bool)) else text
+
+def _grpo_config(a: argparse.Namespace):
+    """GRPOConfig from --preset, --config, --set and the per-field flags (in that order of precedence, lowest first)."""
+    from .config import GRPOConfig, load_yaml
+    from .rl import PRESETS, resolve_config
+    from .taskdata import read_utf8
 
     if a.preset not in PRESETS:
         raise MoelabError(f"grpo: --preset must be one of {', '.join(PRESETS)} (got {a.preset!r})")
+    if a.config:
+        from pathlib import Path
+
+        if Path(a.config).is_file():
+            read_utf8(a.config)  # a one-line error for a file that is not UTF-8 text
     data = load_yaml(a.config) if a.config else {}
     for item in a.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise MoelabError(f"grpo: --set {item!r}: expected KEY=VALUE, e.g. beta=0.001")
-        data[key] = scalar(value)
+        data[key] = _yaml_scalar(value)
     for name in GRPOConfig.model_fields:
         if getattr(a, "grpo_" + name) is not None:
-            data[name] = scalar(getattr(a, "grpo_" + name))
-    cfg = GRPOConfig.parse({**PRESETS[a.preset], **data}, a.config or "grpo")
-    s = run_grpo(a.model, a.task, a.data_dir, a.out, cfg, progress=not a.no_progress)
+            data[name] = _yaml_scalar(getattr(a, "grpo_" + name))
+    return resolve_config(data, a.preset, a.config or "grpo")
+
+
+def _run_grpo(a: argparse.Namespace) -> int:
+    from .rl import run_grpo
+
+    s = run_grpo(a.model, a.task, a.data_dir, a.out, _grpo_config(a), progress=not a.no_progress)
     if a.json:
         print(json.dumps(s, indent=1))
         return 0
@@ -654,12 +701,14 @@ def _run_grpo(a: argparse.Namespace) -> int:
         e = s["eval"]
         print(f"held-out mean reward ({e['prompts']} prompts × {e['before']['samples_per_prompt']} samples): "
               f"{e['before']['mean_reward']:.4f} → {e['after']['mean_reward']:.4f} "
-              f"(Δ {e['delta']:+.4f} ± {e['delta_stderr']:.4f}; accuracy {e['before']['accuracy']:.4f} → {e['after']['accuracy']:.4f})")
+              f"(Δ {e['delta']:+.4f} ± {e['delta_stderr']:.4f}; "
+              f"accuracy {e['before']['accuracy']:.4f} → {e['after']['accuracy']:.4f})")
     print(f"wrote {s['out']} (grpo.json, grpo_metrics.jsonl)")
     return 0
 
 
-register("grpo", "GRPO post-training of a checkpoint on a reasoning task (TRL GRPOTrainer; PAPER.md GRPO)", _grpo_args, _run_grpo)
+register("grpo", "GRPO post-training of a checkpoint on a reasoning task (TRL GRPOTrainer; docs/paper.md GRPO)",
+         _grpo_args, _run_grpo)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -670,9 +719,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="moelab", description="Mixture-of-Experts sparsity studies end to end.")
     parser.add_argument("--version", action="version", version=f"moelab {__version__}")
+    _one_line_errors(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_args, _, help) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help, description=help))
+        p = sub.add_parser(name, help=help, description=help)
+        _one_line_errors(p)
+        add_args(p)
     return parser
 
 

@@ -4,7 +4,7 @@
     moelab lm-eval --model moelab --model_args pretrained=DIR --tasks gsm8k --moelab_data_dir DATA   # lm_eval's CLI
 
 It mirrors lm-eval's ``hf`` backend (``HFLM``) in everything that can change a score — tokenization
-(:class:`~moelab.eval.EvalModel`), left truncation to ``max_length``, ``max_gen_toks`` = 256 by default, stop
+(:class:`~moelab.evalmodel.EvalModel`), left truncation to ``max_length``, ``max_gen_toks`` = 256 by default, stop
 sequences plus EOS, cutting the text at the first stop sequence — and runs on moelab's own batched KV-cache
 generation and batched scoring (:mod:`moelab.generate`), so both backends give the same accuracies on the same
 checkpoint (tested).
@@ -25,7 +25,8 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from .eval import EvalModel
+from .errors import ConfigError
+from .evalmodel import EvalModel
 from .generate import StopStrings, generate, score_continuations
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ def _as_int(v: Any, default: int) -> int:
 
 @register_model("moelab")
 class MoelabLM(TemplateLM):
-    """lm-eval ``LM`` over a moelab checkpoint (``pretrained=DIR``) or an already loaded :class:`EvalModel`."""
+    """lm-eval ``LM`` over a moelab checkpoint (``pretrained=DIR``, safetensors only) or a loaded :class:`EvalModel`."""
+
+    DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HFLM default
 
     def __init__(
         self,
@@ -51,7 +54,7 @@ class MoelabLM(TemplateLM):
         dtype: str = "float32",
         batch_size: int | str | None = 16,
         max_length: int | None = None,
-        max_gen_toks: int = 256,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         seed: int = 1234,
         moe_backend: str | None = None,
         progress: bool = True,
@@ -63,9 +66,10 @@ class MoelabLM(TemplateLM):
             log.warning("moelab backend: ignoring model_args %s", sorted(unused))
         if model is None:
             if pretrained is None:
-                raise ValueError("moelab backend needs pretrained=<checkpoint directory>")
+                raise ConfigError("moelab backend: model_args needs pretrained=<checkpoint directory>")
             overrides = {"moe_backend": moe_backend} if moe_backend else {}
-            model = EvalModel(pretrained, device=device, dtype=dtype, max_length=_as_int(max_length, 0) or None, **overrides)
+            model = EvalModel(pretrained, device=device, dtype=dtype, max_length=_as_int(max_length, 0) or None,
+                              **overrides)
         self.em = model
         self.tokenizer = model.tokenizer
         self._device = model.device
@@ -92,7 +96,9 @@ class MoelabLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return str(self.em.path).replace("/", "__")
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs
+    ) -> list[int]:
         return self.em.tok_encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len)
 
     def tok_decode(self, tokens: list[int]) -> str:
@@ -100,7 +106,8 @@ class MoelabLM(TemplateLM):
 
     def get_model_info(self) -> dict[str, Any]:
         cfg = self.em.model.cfg
-        return {"model_name": cfg.name, "model_num_parameters": cfg.num_params, "model_active_parameters": cfg.num_active_params,
+        return {"model_name": cfg.name, "model_num_parameters": cfg.num_params,
+                "model_active_parameters": cfg.num_active_params,
                 "model_dtype": str(next(self.em.model.parameters()).dtype), "model_path": str(self.em.path)}
 
     # -- scoring
@@ -150,11 +157,12 @@ class MoelabLM(TemplateLM):
                 temperature = 1.0  # transformers' default when sampling without a temperature
             max_ctx = self.max_length - max_new
             if max_ctx <= 0:
-                raise ValueError(f"max_gen_toks ({max_new}) must be below the model's max_length ({self.max_length})")
+                raise ConfigError(f"max_gen_toks ({max_new}) must be below the model's max_length ({self.max_length})")
             prompts = [self.tok_encode(c, left_truncate_len=max_ctx) for c in contexts]
             outs = generate(
                 self.em.model, prompts, max_new, temperature=temperature, top_p=float(kw.get("top_p", 1.0) or 1.0),
-                top_k=int(kw.get("top_k", 0) or 0), eos_token_ids=[self.eot_token_id], stop=StopStrings(until, self.tok_decode),
+                top_k=int(kw.get("top_k", 0) or 0), eos_token_ids=[self.eot_token_id],
+                stop=StopStrings(until, self.tok_decode),
                 pad_token_id=self.em.pad_token_id, generator=self.generator,
             )
             for ctx, toks in zip(contexts, outs):

@@ -36,6 +36,7 @@ _SYNTHETIC_MEMORY = {
 }
 
 GSM_METRICS = ("exact_match,strict-match", "exact_match,flexible-extract")
+_QA = {"question": str, "answer": str}  # GSM8K-style records (and the synthetic tasks')
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,15 @@ class TaskSpec:
 
     ``files`` maps lm-eval split names to file stems under the data directory (``.jsonl``, ``.json`` or
     ``.parquet`` is looked up in that order); ``fewshot_only`` splits are needed only when ``num_fewshot`` > 0.
+    ``fields``: what every record of those files must hold (dotted paths into nested objects → type), checked before
+    a model is loaded so a bad file is one error naming file:line and field (moelab.taskdata).
     ``primary_metrics``: the accuracy variant plots and fits use (the first one present wins).
-    ``grpo_train``: file stem of the GRPO training prompts; None: GRPO cannot train on this task.
+    ``answer``: how final answers are extracted and compared for self-consistency (maj@n, coverage@n): "filters" =
+    the task's own lm-eval filter sets and exact-match normalisation (moelab.answers); None: no final answer to vote
+    on (multiple choice, free text).
+    ``grpo_train``: file stem of the GRPO training prompts; None: GRPO cannot train on this task. ``reward``: the
+    GRPO reward kind (a key of ``moelab.rl.REWARDS``; "gsm8k" = lm-eval's GSM8K answer rules), ``qa_fields``: the
+    record keys of a training/held-out question and its gold solution.
     """
 
     name: str
@@ -55,10 +63,22 @@ class TaskSpec:
     family: str  # memorization | reasoning (| code)
     primary_metrics: tuple[str, ...]
     fewshot_only: tuple[str, ...] = ()
+    fields: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # overrides beyond the data source (synthetic tasks)
-    gsm_style: bool = False  # answers are "#### N" numbers: self-consistency applies
+    answer: str | None = None  # "filters": self-consistency applies
     grpo_train: str | None = None
+    reward: str | None = None
+    qa_fields: tuple[str, str] = ("question", "answer")
     about: str = ""
+
+    @property
+    def eval_split(self) -> str:
+        """The split that is evaluated (the first of ``files`` that is not only for few-shot exemplars)."""
+        return next(s for s in self.files if s not in self.fewshot_only)
+
+    @property
+    def gsm_style(self) -> bool:  # kept for callers of the earlier flag
+        return self.answer is not None
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -66,39 +86,44 @@ TASKS: dict[str, TaskSpec] = {
     for t in [
         TaskSpec(
             "gsm8k", "gsm8k/gsm8k.yaml", {"test": "gsm8k/test", "train": "gsm8k/train"}, 4, "reasoning", GSM_METRICS,
-            ("train",), gsm_style=True, grpo_train="gsm8k/train",
+            ("train",), fields=_QA, answer="filters", grpo_train="gsm8k/train", reward="gsm8k",
             about="GSM8K test (1,319), exemplars from train; strict/flexible exact match on the #### number",
         ),
         TaskSpec(
             "gsm_plus", "gsm_plus/gsm_plus.yaml", {"test": "gsm_plus/test"}, 5, "reasoning", GSM_METRICS,
-            gsm_style=True, about="GSM-Plus test (10,552), exemplars from test (lm-eval's protocol)",
+            fields={"question": str, "solution": str}, answer="filters", qa_fields=("question", "solution"),
+            about="GSM-Plus test (10,552), exemplars from test (lm-eval's protocol)",
         ),
         TaskSpec(
             "gsm_plus_mini", "gsm_plus/gsm_plus_mini.yaml", {"testmini": "gsm_plus/testmini"}, 5, "reasoning",
-            GSM_METRICS, gsm_style=True, about="GSM-Plus testmini (2,400), exemplars from testmini",
+            GSM_METRICS, fields={"question": str, "solution": str}, answer="filters",
+            qa_fields=("question", "solution"),
+            about="GSM-Plus testmini (2,400), exemplars from testmini",
         ),
         TaskSpec(
             "hellaswag", "hellaswag/hellaswag.yaml", {"validation": "hellaswag/validation", "train": "hellaswag/train"},
             4, "memorization", ("acc_norm", "acc"), ("train",),
+            fields={"activity_label": str, "ctx_a": str, "ctx_b": str, "endings": list, "label": (int, str)},
             about="HellaSwag validation (10,042), acc and acc_norm over 4 endings",
         ),
         TaskSpec(
             "triviaqa", "triviaqa/default.yaml", {"validation": "triviaqa/validation", "train": "triviaqa/train"}, 4,
             "memorization", ("exact_match,remove_whitespace", "exact_match"), ("train",),
+            fields={"question": str, "answer.aliases": list},
             about="TriviaQA rc.nocontext validation (17,944), exact match over aliases",
         ),
         TaskSpec(
             "synthetic_reasoning", "gsm8k/gsm8k.yaml",
             {"test": "synthetic/synthetic_reasoning", "fewshot": "synthetic/synthetic_reasoning_fewshot"}, 4,
-            "reasoning", GSM_METRICS, ("fewshot",),
+            "reasoning", GSM_METRICS, ("fewshot",), fields=_QA,
             config={"training_split": "fewshot", "fewshot_split": "fewshot", "metadata": {"version": 1.0}},
-            gsm_style=True, grpo_train="synthetic/train_reasoning",
+            answer="filters", grpo_train="synthetic/train_reasoning", reward="gsm8k",
             about="moelab.synthetic multi-step arithmetic, GSM8K protocol",
         ),
         TaskSpec(
             "synthetic_memory", None,
             {"test": "synthetic/synthetic_memory", "fewshot": "synthetic/synthetic_memory_fewshot"}, 4,
-            "memorization", ("exact_match", "exact_match,remove_whitespace"), ("fewshot",),
+            "memorization", ("exact_match", "exact_match,remove_whitespace"), ("fewshot",), fields=_QA,
             config={**_SYNTHETIC_MEMORY, "test_split": "test", "training_split": "fewshot", "fewshot_split": "fewshot"},
             about="moelab.synthetic held-out people's attributes, exact match of the answer",
         ),
@@ -138,6 +163,11 @@ def grpo_tasks() -> tuple[str, ...]:
     return tuple(n for n, t in TASKS.items() if t.grpo_train is not None)
 
 
+def answer_tasks() -> tuple[str, ...]:
+    """Tasks with final answers to vote on (self-consistency's default set)."""
+    return tuple(n for n, t in TASKS.items() if t.answer is not None)
+
+
 def primary_metric(task: str, metrics: dict[str, float]) -> str | None:
     """The accuracy variant used for plots and fits (the task's ``primary_metrics``; ",none" suffixes accepted)."""
     spec = TASKS.get(task)
@@ -155,6 +185,7 @@ __all__ = [
     "DEFAULT_PRIMARY",
     "TASKS",
     "TaskSpec",
+    "answer_tasks",
     "families",
     "family_of",
     "get_task",
