@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moelab import data as D
+from moelab import shards, sources
 from moelab.config import ConfigError, DataConfig, SourceConfig
 from moelab.data import MixtureSampler, Tokenizer, TokenStream, build_dataset, load_or_train_tokenizer
 from moelab.errors import DataError
@@ -288,9 +289,9 @@ def test_config_errors_for_sources(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"val_fraction"):
         DataConfig.parse({"sources": [{"path": "a"}], "val_fraction": 1.0})
     paths = ["d/a.jsonl", "e/a.txt", "c/*.jsonl"]
-    assert D._source_names([SourceConfig(path=p) for p in paths]) == ["a", "a-2", "c"]
+    assert sources.source_names([SourceConfig(path=p) for p in paths]) == ["a", "a-2", "c"]
     named = [SourceConfig(path="x/a.jsonl"), SourceConfig(path="y.jsonl", name="a")]
-    assert D._source_names(named) == ["a-2", "a"]  # explicit names are never renamed
+    assert sources.source_names(named) == ["a-2", "a"]  # explicit names are never renamed
 
 
 # ---------------------------------------------------------------------------------------------- shard cache
@@ -300,12 +301,12 @@ def test_shards_cached_and_reused(tok: Tokenizer, tmp_path: Path, monkeypatch: p
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"alpha {i}"}) + "\n" for i in range(50)))
     (tmp_path / "b.txt").write_text("beta text")
     calls: list[str] = []
-    real = D._run_task
+    real = shards._run_task
     def counting(task, *a, **k):
         calls.append(Path(task.file.path).name)
         return real(task, *a, **k)
 
-    monkeypatch.setattr(D, "_run_task", counting)
+    monkeypatch.setattr(shards, "_run_task", counting)
     cfg = _cfg(tmp_path, [{"path": "a.jsonl"}, {"path": "b.txt"}])
 
     ds1 = build_dataset(cfg, tok, base_dir=tmp_path, progress=False)
@@ -532,7 +533,8 @@ def test_dataset_sampler_and_val_batches(tok: Tokenizer, tmp_path: Path) -> None
     assert not (train_view == val[0][0][0].numpy().tolist() + [val[0][1][0, -1].item()]).all(1).any()
 
     no_val = build_dataset(cfg.replace(val_fraction=0.0), tok, base_dir=tmp_path, progress=False)
-    msg = r"^validation split: no source has a held-out window of 17 tokens \(val tokens: a=0, b=0\); raise val_fraction$"
+    msg = (r"^validation split: no source has a held-out window of 17 tokens \(val tokens: a=0, b=0\); "
+           r"raise val_fraction$")
     with pytest.raises(DataError, match=msg):
         no_val.val_batches(1, 2, 16)
 
