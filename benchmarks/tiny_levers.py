@@ -5,6 +5,7 @@ thread and the process CPU clock (benchlib), with the numerics checked before a 
     python benchmarks/tiny_levers.py bf16 [--data DIR]    # bf16 autocast vs fp32: step time, then loss curves
     python benchmarks/tiny_levers.py compile              # per-block torch.compile vs eager: compile cost, step time
     python benchmarks/tiny_levers.py multi                # N models in one process: startup saved, vmap batching
+    python benchmarks/tiny_levers.py malloc               # glibc malloc defaults vs tuned (user + system CPU)
     python benchmarks/tiny_levers.py all
 
 The step is ``moelab.train``'s: forward with targets, backward, clip, fused AdamW, zero_grad. ``--data DIR`` (a
@@ -231,9 +232,48 @@ def lever_multi(args) -> dict:
     return {"startup_cpu_s": costs, "vmap_ok": vmap_ok, "vmap_error": why}
 
 
+_CHILD = """
+import sys, torch
+sys.path.insert(0, {bench!r})
+import tiny_levers as T
+torch.set_num_threads(1)
+cfg = T.tiny_cfg({d}, {layers}, {experts}, {top_k}, vocab={vocab}, seq={seq})
+t = T.Trainer(cfg)
+g = torch.Generator().manual_seed(0)
+for _ in range({steps}):
+    ids = torch.randint(0, cfg.vocab_size, ({batch}, {seq} + 1), generator=g)
+    t.step(ids[:, :-1], ids[:, 1:])
+"""
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483647",
+              "MALLOC_TOP_PAD_": "67108864"}
+
+
+def lever_malloc(args) -> dict:
+    """``steps`` training steps in a fresh process, glibc defaults vs the environment equivalent of
+    benchlib.tune_malloc, alternating; user + system CPU of the child (page faults are system time)."""
+    code = _CHILD.format(bench=os.path.dirname(os.path.abspath(__file__)), d=args.d, layers=args.layers,
+                         experts=args.experts, top_k=args.top_k, vocab=512, seq=args.seq, batch=args.batch,
+                         steps=args.malloc_steps)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | {"OMP_NUM_THREADS": "1"}
+    cpu: dict[str, list[tuple[float, float]]] = {"default": [], "tuned": []}
+    for r in range(args.malloc_reps):
+        for name in (["default", "tuned"] if r % 2 == 0 else ["tuned", "default"]):
+            t0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([sys.executable, "-c", code], check=True, env=env | (MALLOC_ENV if name == "tuned" else {}))
+            t1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append((t1.ru_utime - t0.ru_utime, t1.ru_stime - t0.ru_stime))
+    med = {n: (statistics.median(u for u, _ in v), statistics.median(s for _, s in v)) for n, v in cpu.items()}
+    ratio = sum(med["default"]) / sum(med["tuned"])
+    print(f"\nglibc malloc, {args.malloc_steps} steps of d={args.d} L={args.layers} E={args.experts} k={args.top_k}, batch "
+          f"{args.batch}×{args.seq} in a fresh process (median of {args.malloc_reps}): default user "
+          f"{med['default'][0]:.1f} s + sys {med['default'][1]:.1f} s, tuned user {med['tuned'][0]:.1f} s + sys "
+          f"{med['tuned'][1]:.1f} s → {ratio:.2f}×")
+    return {"default_user_sys_s": med["default"], "tuned_user_sys_s": med["tuned"], "speedup": ratio}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("lever", choices=["profile", "bf16", "compile", "multi", "all"])
+    p.add_argument("lever", choices=["profile", "bf16", "compile", "multi", "malloc", "all"])
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
@@ -244,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=15, help="profile: rows of the op table")
     p.add_argument("--curve-steps", type=int, default=400, help="bf16: steps of the fp32-vs-bf16 loss comparison")
+    p.add_argument("--malloc-steps", type=int, default=300, help="malloc: steps per child process")
+    p.add_argument("--malloc-reps", type=int, default=3)
     p.add_argument("--data", default=None, help="a moelab.synthetic_tasks directory (real batches)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "moelab", "bench-data"))
     args = p.parse_args(argv)
@@ -252,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine_info("cpu")
     print(f"{info['cpu']}, 1 thread, CPU clock, malloc tuned {tuned}, torch {info['torch']}, "
           f"load {info.get('loadavg_1m')}")
-    levers = ["profile", "bf16", "compile", "multi"] if args.lever == "all" else [args.lever]
+    levers = ["profile", "bf16", "compile", "multi", "malloc"] if args.lever == "all" else [args.lever]
     out = {"benchmark": "tiny_levers", "machine": info, "config": vars(args)}
     for lever in levers:
         out[lever] = globals()[f"lever_{lever}"](args)

@@ -29,6 +29,12 @@ class MixtureSampler:
     Rank ``r`` of ``world_size`` gets rows ``[r·B/W, (r+1)·B/W)``, so the global batch does not depend on the
     world size. The only state is the next batch index; ``state_dict()`` is a JSON-serializable dict of ints.
     Windows are drawn with replacement (no epochs): at the paper's ~1 epoch scale this matches uniform sampling.
+
+    ``doc_starts`` (one sorted int64 array per stream, e.g. :meth:`~moelab.shards.TokenStream.doc_starts`) makes
+    every window start at a document boundary, drawn uniformly among that source's documents, and run on into the
+    following documents (packing). With short documents longer than a fraction of the window (worked solutions,
+    Q/A cards) a uniformly placed window starts inside a document most of the time, and the tokens before its first
+    boundary are predicted without their question; aligned windows never cut a document's beginning off.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class MixtureSampler:
         world_size: int = 1,
         names: list[str] | None = None,
         salt: int = TRAIN_SALT,
+        doc_starts: list[np.ndarray] | None = None,
     ):
         if batch_size < 1 or seq_len < 1:
             raise ConfigError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be positive")
@@ -60,6 +67,15 @@ class MixtureSampler:
                 raise DataError(
                     f"source {name!r}: {len(s)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}"
                 )
+        self.doc_starts: list[np.ndarray] | None = None
+        if doc_starts is not None:
+            if len(doc_starts) != len(streams):
+                raise ValueError("need one doc_starts array per stream")
+            self.doc_starts = [np.asarray(d, dtype=np.int64)[np.asarray(d) <= len(s) - seq_len - 1]
+                               for d, s in zip(doc_starts, streams)]
+            for name, d in zip(names, self.doc_starts):
+                if len(d) == 0:
+                    raise DataError(f"source {name!r}: no document starts a full window of seq_len + 1 = {seq_len + 1}")
         w = np.asarray(weights, dtype=np.float64)
         self.streams = streams
         self.names = names
@@ -75,7 +91,12 @@ class MixtureSampler:
         """Source index and start offset of every row of global batch ``step`` (both int64 ``[B]``)."""
         rng = np.random.default_rng([self.salt, self.seed, int(step)])
         src_B = rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
-        start_B = rng.integers(0, self.n_starts[src_B])
+        if self.doc_starts is None:
+            start_B = rng.integers(0, self.n_starts[src_B])
+        else:
+            n_docs = np.array([len(d) for d in self.doc_starts], dtype=np.int64)
+            idx_B = rng.integers(0, n_docs[src_B])
+            start_B = np.array([self.doc_starts[s][i] for s, i in zip(src_B, idx_B)], dtype=np.int64)
         return src_B.astype(np.int64), start_B.astype(np.int64)
 
     def windows(self, step: int) -> np.ndarray:

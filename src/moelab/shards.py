@@ -196,6 +196,21 @@ class TokenStream:
             i += 1
         return out
 
+    def doc_starts(self, eos_id: int, chunk: int = 1 << 22) -> np.ndarray:
+        """Offsets where documents begin: 0 and every position after an EOS (the last one dropped when the stream
+        ends with EOS). Read shard by shard in chunks; cached per ``eos_id``."""
+        cache = self.__dict__.setdefault("_doc_starts", {})
+        if eos_id not in cache:
+            parts = [np.zeros(1, dtype=np.int64)]
+            for i, n in enumerate(self.lengths):
+                m = self._map(i)
+                for lo in range(0, n, chunk):
+                    hits = np.flatnonzero(m[lo : lo + chunk] == eos_id)
+                    parts.append(hits.astype(np.int64) + (int(self.starts[i]) + lo + 1))
+            starts = np.concatenate(parts)
+            cache[eos_id] = starts[starts < len(self)]
+        return cache[eos_id]
+
     def tokens(self) -> np.ndarray:
         """The whole stream (int64) — for tests and small corpora only."""
         return self.read(0, len(self)) if len(self) else np.empty(0, dtype=np.int64)
@@ -239,9 +254,12 @@ class TokenDataset:
         raise KeyError(f"no source named {name!r} (sources: {', '.join(self.names)})")
 
     def sampler(
-        self, batch_size: int, seq_len: int, *, seed: int | None = None, rank: int = 0, world_size: int = 1
+        self, batch_size: int, seq_len: int, *, seed: int | None = None, rank: int = 0, world_size: int = 1,
+        align_documents: bool = False,
     ) -> "MixtureSampler":
-        """Infinite training batches; ``batch_size`` is the GLOBAL batch (split across ``world_size`` ranks)."""
+        """Infinite training batches; ``batch_size`` is the GLOBAL batch (split across ``world_size`` ranks).
+        ``align_documents``: windows start at document boundaries (:class:`~moelab.sampler.MixtureSampler`)."""
+        starts = [s.train.doc_starts(self.tokenizer.eos_id) for s in self.sources] if align_documents else None
         return MixtureSampler(
             [s.train for s in self.sources],
             self.weights,
@@ -251,6 +269,7 @@ class TokenDataset:
             rank=rank,
             world_size=world_size,
             names=self.names,
+            doc_starts=starts,
         )
 
     def val_batches(
