@@ -264,8 +264,8 @@ def lever_malloc(args) -> dict:
             cpu[name].append((t1.ru_utime - t0.ru_utime, t1.ru_stime - t0.ru_stime))
     med = {n: (statistics.median(u for u, _ in v), statistics.median(s for _, s in v)) for n, v in cpu.items()}
     ratio = sum(med["default"]) / sum(med["tuned"])
-    print(f"\nglibc malloc, {args.malloc_steps} steps of d={args.d} L={args.layers} E={args.experts} k={args.top_k}, batch "
-          f"{args.batch}×{args.seq} in a fresh process (median of {args.malloc_reps}): default user "
+    print(f"\nglibc malloc, {args.malloc_steps} steps of d={args.d} L={args.layers} E={args.experts} k={args.top_k}, "
+          f"batch {args.batch}×{args.seq} in a fresh process (median of {args.malloc_reps}): default user "
           f"{med['default'][0]:.1f} s + sys {med['default'][1]:.1f} s, tuned user {med['tuned'][0]:.1f} s + sys "
           f"{med['tuned'][1]:.1f} s → {ratio:.2f}×")
     return {"default_user_sys_s": med["default"], "tuned_user_sys_s": med["tuned"], "speedup": ratio}
