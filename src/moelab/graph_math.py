@@ -50,7 +50,7 @@ REASONING_PROMPT = "Question: {question}\nAnswer:"
 
 
 class GraphMathConfig(StrictModel):
-    """Difficulty and size of the reasoning task (docs/demo_design.md "Reasoning")."""
+    """Difficulty and size of the reasoning task (docs/demo_design.md §3)."""
 
     modulus: PositiveInt = 7  # a prime; answers are 0 … modulus - 1, guessing scores 1 / modulus
     min_ops: PositiveInt = 2  # operations the answer depends on (its dependency closure)

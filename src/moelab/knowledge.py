@@ -1,11 +1,12 @@
-"""Capacity-bound synthetic knowledge: people × attributes with known value sets (after Allen-Zhu & Li's bioS).
+"""Synthetic knowledge with an exact size: people × attributes with known value sets (after Allen-Zhu & Li's bioS).
 
 Every person's attributes are drawn independently and uniformly from fixed value sets, so the knowledge in the
-corpus has an exact size: ``bits = n_people · Σ_a log2 |V_a|`` (Allen-Zhu & Li 2024, "Physics of Language Models
-3.3", arXiv:2404.05405, §2: the bit complexity of a bioS-style dataset with uniform independent attributes). A model
-stores at most about 2 bits per parameter after ~1000 exposures per fact and about 1 bit after ~100 (their Results
-1-2), so choosing ``n_people`` between the smallest and the largest model's capacity makes memorization
-capacity-bound (docs/demo_design.md "Capacity").
+corpus has an exact size: ``bits = n_people · Σ_a log2 |V_a|``, the bit complexity Allen-Zhu & Li 2024 ("Physics of
+Language Models 3.3", arXiv:2404.05405) measure capacity against. They find models store about 2 bits per parameter
+after ~1000 exposures per fact and about 1 bit after ~100; choosing ``n_people`` between the smallest and the largest
+model's capacity would make memorization capacity-bound. docs/demo_design.md §2 shows that the demo's budget allows
+~50-100 exposures and that its models then store far less than that law, so both demo presets are acquisition-bound;
+the manifest records bits and the data needed to compute exposures so a report can say which regime it is in.
 
 Facts are told as question/answer pairs in the evaluation's own format (``"Q: {question}\\nA: {answer}"``,
 moelab.tasks ``synthetic_memory``): one *card* per person lists all of that person's facts in a random order, and
@@ -115,7 +116,7 @@ def name_space() -> int:
 
 
 class KnowledgeConfig(StrictModel):
-    """Size of the synthetic knowledge (docs/demo_design.md "Capacity" explains how to choose ``n_people``)."""
+    """Size of the synthetic knowledge (docs/demo_design.md §2 derives ``n_people`` from the budget)."""
 
     n_people: PositiveInt = 2000
     attributes: list[str] = Field(default_factory=lambda: list(DEFAULT_ATTRIBUTES), min_length=1)
