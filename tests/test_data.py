@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moelab import data as D
+from moelab import shards, sources
 from moelab.config import ConfigError, DataConfig, SourceConfig
 from moelab.data import MixtureSampler, Tokenizer, TokenStream, build_dataset, load_or_train_tokenizer
 from moelab.errors import DataError
@@ -288,9 +289,9 @@ def test_config_errors_for_sources(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"val_fraction"):
         DataConfig.parse({"sources": [{"path": "a"}], "val_fraction": 1.0})
     paths = ["d/a.jsonl", "e/a.txt", "c/*.jsonl"]
-    assert D._source_names([SourceConfig(path=p) for p in paths]) == ["a", "a-2", "c"]
+    assert sources.source_names([SourceConfig(path=p) for p in paths]) == ["a", "a-2", "c"]
     named = [SourceConfig(path="x/a.jsonl"), SourceConfig(path="y.jsonl", name="a")]
-    assert D._source_names(named) == ["a-2", "a"]  # explicit names are never renamed
+    assert sources.source_names(named) == ["a-2", "a"]  # explicit names are never renamed
 
 
 # ---------------------------------------------------------------------------------------------- shard cache
@@ -300,12 +301,12 @@ def test_shards_cached_and_reused(tok: Tokenizer, tmp_path: Path, monkeypatch: p
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"alpha {i}"}) + "\n" for i in range(50)))
     (tmp_path / "b.txt").write_text("beta text")
     calls: list[str] = []
-    real = D._run_task
+    real = shards._run_task
     def counting(task, *a, **k):
         calls.append(Path(task.file.path).name)
         return real(task, *a, **k)
 
-    monkeypatch.setattr(D, "_run_task", counting)
+    monkeypatch.setattr(shards, "_run_task", counting)
     cfg = _cfg(tmp_path, [{"path": "a.jsonl"}, {"path": "b.txt"}])
 
     ds1 = build_dataset(cfg, tok, base_dir=tmp_path, progress=False)
@@ -501,6 +502,47 @@ def test_rank_slices_reassemble_global_batch(tmp_path: Path) -> None:
         MixtureSampler(streams, [3, 1], 12, 1000, names=["a", "b"])
 
 
+def test_document_aligned_windows(tok: Tokenizer, tmp_path: Path) -> None:
+    """Aligned windows start exactly at document starts (0 or just after an EOS, found across shard files), each
+    document with its own probability; they stay a pure function of (seed, step); default sampling is untouched."""
+    eos = 9
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(10, 50, size=int(n)) for n in rng.integers(3, 30, size=120)]
+    flat = np.concatenate([np.append(d, eos) for d in docs])
+    stream = _stream(tmp_path, flat, "docs", chunks=3)
+    starts = stream.doc_starts(eos)
+    expected = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])[:-1]])
+    assert np.array_equal(starts, expected)  # one per document, the trailing EOS starts none
+    T = 16
+    aligned = MixtureSampler([stream], [1.0], 64, T, seed=4, doc_starts=[starts])
+    valid = set(expected[expected <= len(flat) - T - 1].tolist())
+    seen = set()
+    for step in range(30):
+        _, start_B = aligned.plan(step)
+        assert set(start_B.tolist()) <= valid
+        seen |= set(start_B.tolist())
+        x, y = aligned.batch(step)
+        assert all(int(r[0]) == flat[s] for r, s in zip(x, start_B))
+    assert len(seen) > 0.8 * len(valid)  # every document can start a window
+    again = MixtureSampler([stream], [1.0], 64, T, seed=4, doc_starts=[starts])
+    assert torch.equal(again.batch(7)[0], aligned.batch(7)[0])
+    plain = MixtureSampler([stream], [1.0], 64, T, seed=4)
+    assert not set(plain.plan(0)[1].tolist()) <= valid  # uniform windows start mid-document
+    with pytest.raises(DataError, match=r"source 'source0': no document starts a full window"):
+        MixtureSampler([stream], [1.0], 4, T, doc_starts=[np.array([len(flat) - 3])])
+    # through the dataset: every aligned training window begins right after an EOS (or at 0)
+    lines = (json.dumps({"text": f"doc {i} " + "x" * (i % 17)}) + "\n" for i in range(300))
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    ds = build_dataset(_cfg(tmp_path, [{"path": "d.jsonl"}]), tok, base_dir=tmp_path, progress=False)
+    s = ds.sampler(8, 12, seed=1, align_documents=True)
+    toks = ds.source("d").train.tokens()
+    for step in range(5):
+        for start in s.plan(step)[1]:
+            assert start == 0 or toks[start - 1] == tok.eos_id
+    assert torch.equal(ds.sampler(8, 12, seed=1).batch(0)[0], MixtureSampler(
+        [ds.source("d").train], [1.0], 8, 12, seed=1, names=["d"]).batch(0)[0])
+
+
 def test_dataset_sampler_and_val_batches(tok: Tokenizer, tmp_path: Path) -> None:
     for name, word in (("a", "apple"), ("b", "banana")):
         lines = [json.dumps({"text": f"{word} number {i} is here"}) for i in range(300)]
@@ -532,7 +574,8 @@ def test_dataset_sampler_and_val_batches(tok: Tokenizer, tmp_path: Path) -> None
     assert not (train_view == val[0][0][0].numpy().tolist() + [val[0][1][0, -1].item()]).all(1).any()
 
     no_val = build_dataset(cfg.replace(val_fraction=0.0), tok, base_dir=tmp_path, progress=False)
-    msg = r"^validation split: no source has a held-out window of 17 tokens \(val tokens: a=0, b=0\); raise val_fraction$"
+    msg = (r"^validation split: no source has a held-out window of 17 tokens \(val tokens: a=0, b=0\); "
+           r"raise val_fraction$")
     with pytest.raises(DataError, match=msg):
         no_val.val_batches(1, 2, 16)
 

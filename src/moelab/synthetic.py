@@ -129,7 +129,7 @@ class Entity:
 def make_world(n_entities: int, seed: int = 0) -> list[Entity]:
     """``n_entities`` people with unique names and independently drawn attributes."""
     rng = random.Random(f"moelab-world:{seed}")
-    names = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
+    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     if n_entities > len(names):
         raise ValueError(f"n_entities ({n_entities}) exceeds the {len(names)} distinct names available")
     chosen = rng.sample(names, n_entities)
