@@ -160,7 +160,7 @@ CASES = [
         "plan-flops-per-second-nan",
         None,
         ["plan", "SPEC", "--flops-per-second", "nan"],
-        "--flops-per-second must be a finite number",
+        "--flops-per-second must be a positive finite number",
     ),
 ]
 

@@ -150,10 +150,9 @@ def task_configs(s: EvalSettings) -> dict[str, dict[str, Any]]:
 
 def model_context(model_dir: str | Path) -> int:
     """The checkpoint's context length (its config's max_position_embeddings), read without loading weights."""
-    from .hf import from_hf_config, read_hf_config
+    from .hf import read_config
 
-    path = require_safetensors(model_dir)
-    return from_hf_config(read_hf_config(path), where=str(path / "config.json")).max_seq_len
+    return read_config(require_safetensors(model_dir)).max_seq_len
 
 
 def _check_lengths(context: int, s: EvalSettings, configs: dict[str, dict[str, Any]], default_gen: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .hf import require_safetensors
+from .hf import read_config, require_safetensors
 from .model import MoETransformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,6 +98,7 @@ class EvalModel:
         torch_dtype = check_dtype(dtype)
         self.path = require_safetensors(model_dir)
         self.device = resolve_device(device)
+        read_config(self.path, **overrides)  # config.json errors first, then the tokenizer's, then the weights'
         self.tokenizer = load_tokenizer(self.path)  # cheap, and its errors come before the weights are read
         model = MoETransformer.from_pretrained(self.path, dtype=torch_dtype, device=self.device, **overrides)
         self.model = model.eval()
