@@ -108,7 +108,8 @@ def machine_info(device: torch.device | str) -> dict[str, object]:
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:
-    """Bytes free for a candidate's working set: the GPU's free memory, else the kernel's MemAvailable (8 GiB if unknown)."""
+    """Bytes free for a candidate's working set: the GPU's free memory, else the kernel's MemAvailable (8 GiB if
+    unknown)."""
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info()
         return free

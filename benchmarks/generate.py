@@ -27,7 +27,8 @@ tok/s are then per CPU-second. Prints a table, then one JSON line.
 
     .venv/bin/python benchmarks/generate.py                               # B ∈ {1, 16}, 2×8 sampling, CPU
     .venv/bin/python benchmarks/generate.py --batch-sizes 1,16 --prompt-len 256 --new-tokens 128 --rounds 5
-    .venv/bin/python benchmarks/generate.py --batch-sizes "" --eos-batch 0 --sc 1x32 --sc-eos 96 --prompt-len 768 --new-tokens 384
+    .venv/bin/python benchmarks/generate.py --batch-sizes "" --eos-batch 0 --sc 1x32 --sc-eos 96 \
+        --prompt-len 768 --new-tokens 384
     .venv/bin/python benchmarks/generate.py --device cuda --d-model 1024 --layers 16 --vocab 99584
 """
 
@@ -62,18 +63,29 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch-sizes", default="1,16", help="greedy scenarios (comma-separated batch sizes)")
-    ap.add_argument("--eos-batch", type=int, default=16, help="greedy scenario with EOS: rows end at different lengths (0: skip)")
+    ap.add_argument(
+        "--eos-batch", type=int, default=16, help="greedy scenario with EOS: rows end at different lengths (0: skip)"
+    )
     ap.add_argument("--sc", default="2x8", help="sampling scenario PROMPTSxSAMPLES ('' to skip)")
-    ap.add_argument("--sc-eos", type=int, default=0, help="also run the sampling scenario with stop tokens ending rows after "
-                    "about this many tokens on average (0: skip)")
+    ap.add_argument(
+        "--sc-eos",
+        type=int,
+        default=0,
+        help="also run the sampling scenario with stop tokens ending rows after "
+        "about this many tokens on average (0: skip)",
+    )
     ap.add_argument("--prompt-len", type=int, default=64, help="longest prompt; the others are 50-100%% of it")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per scenario (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"],
-                    help="auto: process CPU time with --threads 1 on the CPU (stable under other jobs' load), else wall time")
+    ap.add_argument(
+        "--clock",
+        default="auto",
+        choices=["auto", "wall", "cpu"],
+        help="auto: process CPU time with --threads 1 on the CPU (stable under other jobs' load), else wall time",
+    )
     a = ap.parse_args()
 
     from rich.console import Console
@@ -85,14 +97,25 @@ def main() -> None:
     clock = resolve_clock(a.clock, torch.get_num_threads(), a.device)
     device, dtype = torch.device(a.device), getattr(torch, a.dtype)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads, ffn_hidden=2 * a.d_model,
-                      n_experts=a.experts, top_k=a.top_k, max_seq_len=a.prompt_len + a.new_tokens + 8, init_std=0.1)
+    cfg = ModelConfig(
+        vocab_size=a.vocab,
+        d_model=a.d_model,
+        n_layers=a.layers,
+        n_heads=a.heads,
+        ffn_hidden=2 * a.d_model,
+        n_experts=a.experts,
+        top_k=a.top_k,
+        max_seq_len=a.prompt_len + a.new_tokens + 8,
+        init_std=0.1,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         MoETransformer(cfg).save_pretrained(tmp)
         ours = MoETransformer.from_pretrained(tmp, dtype=dtype, device=device).eval()
         theirs = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     theirs.generation_config.eos_token_id = None  # always generate exactly --new-tokens
-    hf_impl = f"attn={theirs.config._attn_implementation}, experts={getattr(theirs.config, '_experts_implementation', '?')}"
+    hf_impl = (
+        f"attn={theirs.config._attn_implementation}, experts={getattr(theirs.config, '_experts_implementation', '?')}"
+    )
 
     g = torch.Generator().manual_seed(1)
 
@@ -125,7 +148,9 @@ def main() -> None:
 
         def run_theirs(ids=ids, mask=mask):
             with torch.inference_mode():
-                out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
+                out = theirs.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0
+                )
             return out[:, ids.shape[1] :].tolist()
 
         scenarios.append((f"greedy B={B}", B, run_ours, run_theirs, same_greedy, None))
@@ -150,12 +175,26 @@ def main() -> None:
 
         def run_theirs_eos(ids=ids, mask=mask):
             with torch.inference_mode():
-                out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0,
-                                      eos_token_id=eos_ids)
+                out = theirs.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=a.new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                    eos_token_id=eos_ids,
+                )
             return out[:, ids.shape[1] :].tolist()
 
-        scenarios.append((f"greedy B={B}, EOS (mean length {sum(ends) / B:.0f})", B, run_ours_eos, run_theirs_eos,
-                          lambda x, y: same_greedy(x, y, eos_ids), None))
+        scenarios.append(
+            (
+                f"greedy B={B}, EOS (mean length {sum(ends) / B:.0f})",
+                B,
+                run_ours_eos,
+                run_theirs_eos,
+                lambda x, y: same_greedy(x, y, eos_ids),
+                None,
+            )
+        )
     if a.sc:
         n_prompts, n_samples = (int(x) for x in a.sc.lower().split("x"))
         prompts = make_prompts(n_prompts)
@@ -163,25 +202,45 @@ def main() -> None:
         gen = torch.Generator(device=device).manual_seed(0)
 
         def run_ours_sc(prompts=prompts):
-            return generate(ours, prompts, a.new_tokens, num_samples=n_samples, temperature=0.6, top_p=0.95, generator=gen)
+            return generate(
+                ours, prompts, a.new_tokens, num_samples=n_samples, temperature=0.6, top_p=0.95, generator=gen
+            )
 
         def run_theirs_sc(ids=ids, mask=mask):
             with torch.inference_mode():
-                out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens, do_sample=True, temperature=0.6,
-                                      top_p=0.95, top_k=0, num_return_sequences=n_samples, pad_token_id=0)
+                out = theirs.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=a.new_tokens,
+                    do_sample=True,
+                    temperature=0.6,
+                    top_p=0.95,
+                    top_k=0,
+                    num_return_sequences=n_samples,
+                    pad_token_id=0,
+                )
             return out[:, ids.shape[1] :].tolist()
 
         def same_sampled(out_ours, out_theirs) -> tuple[str, int]:
             assert all(len(o) == a.new_tokens for o in out_ours + out_theirs)
             return "n/a (sampled)", len(out_ours) * a.new_tokens
 
-        scenarios.append((f"sample {n_prompts}×{n_samples}", n_prompts * n_samples, run_ours_sc, run_theirs_sc, same_sampled, None))
+        scenarios.append(
+            (f"sample {n_prompts}×{n_samples}", n_prompts * n_samples, run_ours_sc, run_theirs_sc, same_sampled, None)
+        )
 
         if a.sc_eos:
             # Stop tokens picked from one free-running sampled batch: add the most frequent tokens to the EOS set
             # until rows would end after ≤ --sc-eos tokens on average.
-            free = generate(ours, prompts, a.new_tokens, num_samples=n_samples, temperature=0.6, top_p=0.95,
-                            generator=torch.Generator(device=device).manual_seed(1))
+            free = generate(
+                ours,
+                prompts,
+                a.new_tokens,
+                num_samples=n_samples,
+                temperature=0.6,
+                top_p=0.95,
+                generator=torch.Generator(device=device).manual_seed(1),
+            )
             freq: dict[int, int] = {}
             for row in free:
                 for t in row:
@@ -192,26 +251,55 @@ def main() -> None:
                 if mean_end <= a.sc_eos:
                     break
                 sc_eos.append(t)
-                mean_end = sum(next((j + 1 for j, x in enumerate(row) if x in sc_eos), a.new_tokens) for row in free) / len(free)
+                mean_end = sum(
+                    next((j + 1 for j, x in enumerate(row) if x in sc_eos), a.new_tokens) for row in free
+                ) / len(free)
 
             def run_ours_sc_eos(prompts=prompts):
-                return generate(ours, prompts, a.new_tokens, num_samples=n_samples, temperature=0.6, top_p=0.95, generator=gen,
-                                eos_token_ids=sc_eos)
+                return generate(
+                    ours,
+                    prompts,
+                    a.new_tokens,
+                    num_samples=n_samples,
+                    temperature=0.6,
+                    top_p=0.95,
+                    generator=gen,
+                    eos_token_ids=sc_eos,
+                )
 
             def run_theirs_sc_eos(ids=ids, mask=mask):
                 with torch.inference_mode():
-                    out = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens, do_sample=True, temperature=0.6,
-                                          top_p=0.95, top_k=0, num_return_sequences=n_samples, pad_token_id=0, eos_token_id=sc_eos)
+                    out = theirs.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=a.new_tokens,
+                        do_sample=True,
+                        temperature=0.6,
+                        top_p=0.95,
+                        top_k=0,
+                        num_return_sequences=n_samples,
+                        pad_token_id=0,
+                        eos_token_id=sc_eos,
+                    )
                 return out[:, ids.shape[1] :].tolist()
 
             def generated(out, who: str) -> int:
-                """Tokens a call generated: moelab's rows stop before their EOS (+1 for it); transformers pads after it."""
+                """Tokens a call generated: moelab's rows stop before their EOS (+1 for it); transformers pads
+                after it."""
                 if who == "moelab":
                     return sum(len(r) + (len(r) < a.new_tokens) for r in out)
                 return sum(next((j + 1 for j, x in enumerate(r) if x in sc_eos), len(r)) for r in out)
 
-            scenarios.append((f"sample {n_prompts}×{n_samples}, EOS (mean length ≈ {mean_end:.0f})", n_prompts * n_samples,
-                              run_ours_sc_eos, run_theirs_sc_eos, None, generated))
+            scenarios.append(
+                (
+                    f"sample {n_prompts}×{n_samples}, EOS (mean length ≈ {mean_end:.0f})",
+                    n_prompts * n_samples,
+                    run_ours_sc_eos,
+                    run_theirs_sc_eos,
+                    None,
+                    generated,
+                )
+            )
 
     rows, speedup, results = [], {}, {}
     for name, n_rows, run_ours, run_theirs, check, count in scenarios:
@@ -224,35 +312,88 @@ def main() -> None:
             def call():
                 out = fn()
                 counts[who].append(count(out, who) if variable else n_new)
+
             return call
 
         print(f"{name}: {a.rounds} interleaved rounds …", file=sys.stderr)
-        times = interleaved_times({"moelab": counted(run_ours, "moelab"), "transformers": counted(run_theirs, "transformers")},
-                                  rounds=a.rounds, warmup=0, device=device, clock=clock)
+        times = interleaved_times(
+            {"moelab": counted(run_ours, "moelab"), "transformers": counted(run_theirs, "transformers")},
+            rounds=a.rounds,
+            warmup=0,
+            device=device,
+            clock=clock,
+        )
         s_ours, s_theirs = summary(times["moelab"]), summary(times["transformers"])
         tps = {w: sorted(n / t for n, t in zip(counts[w], times[w])) for w in counts}  # tokens/s per round
         med = {w: statistics.median(v) for w, v in tps.items()}
-        paired = sorted((n_o / t_o) / (n_t / t_t) for n_o, t_o, n_t, t_t in  # same round: same load
-                        zip(counts["moelab"], times["moelab"], counts["transformers"], times["transformers"]))
+        paired = sorted(
+            (n_o / t_o) / (n_t / t_t)
+            for n_o, t_o, n_t, t_t in zip(  # same round: same load
+                counts["moelab"], times["moelab"], counts["transformers"], times["transformers"]
+            )
+        )
         ratio = med["moelab"] / med["transformers"]
         speedup[name] = round(ratio, 2)
-        results[name] = {"rows": n_rows, "new_tokens": n_new if not variable else {w: counts[w] for w in counts},
-                         "moelab": s_ours, "transformers": s_theirs, "same_tokens": same,
-                         "speedup_paired_median": round(statistics.median(paired), 3), "speedup_paired_range": [round(paired[0], 3), round(paired[-1], 3)],
-                         "moelab_tok_s": round(med["moelab"], 1), "transformers_tok_s": round(med["transformers"], 1)}
-        rows.append((name, med["moelab"], tps["moelab"][-1], med["transformers"], tps["transformers"][-1], ratio,
-                     f"{paired[0]:.2f}–{paired[-1]:.2f}", same))
+        results[name] = {
+            "rows": n_rows,
+            "new_tokens": n_new if not variable else {w: counts[w] for w in counts},
+            "moelab": s_ours,
+            "transformers": s_theirs,
+            "same_tokens": same,
+            "speedup_paired_median": round(statistics.median(paired), 3),
+            "speedup_paired_range": [round(paired[0], 3), round(paired[-1], 3)],
+            "moelab_tok_s": round(med["moelab"], 1),
+            "transformers_tok_s": round(med["transformers"], 1),
+        }
+        rows.append(
+            (
+                name,
+                med["moelab"],
+                tps["moelab"][-1],
+                med["transformers"],
+                tps["transformers"][-1],
+                ratio,
+                f"{paired[0]:.2f}–{paired[-1]:.2f}",
+                same,
+            )
+        )
 
-    table = Table(title=f"generation on {device.type} ({a.dtype}): {cfg.name}, prompts ≤ {a.prompt_len} tokens, {a.new_tokens} new "
-                        f"tokens, {torch.get_num_threads()} threads, {clock} clock; transformers {hf_impl}")
-    for col in ("scenario", "moelab tok/s (median)", "(best)", "transformers tok/s (median)", "(best)", "speed-up", "per-round range", "same tokens"):
+    table = Table(
+        title=f"generation on {device.type} ({a.dtype}): {cfg.name}, prompts ≤ {a.prompt_len} tokens, "
+        f"{a.new_tokens} new "
+        f"tokens, {torch.get_num_threads()} threads, {clock} clock; transformers {hf_impl}"
+    )
+    for col in (
+        "scenario",
+        "moelab tok/s (median)",
+        "(best)",
+        "transformers tok/s (median)",
+        "(best)",
+        "speed-up",
+        "per-round range",
+        "same tokens",
+    ):
         table.add_column(col, justify="right")
     for name, om, ob, tm, tb, ratio, rng, same in rows:
         table.add_row(name, f"{om:,.0f}", f"{ob:,.0f}", f"{tm:,.0f}", f"{tb:,.0f}", f"{ratio:.2f}×", rng, same)
     Console(width=160).print(table)
-    print_json_line({"benchmark": "generate", "model": cfg.name, "device": str(device), "dtype": a.dtype, "prompt_len": a.prompt_len,
-                     "new_tokens": a.new_tokens, "rounds": a.rounds, "clock": clock, "transformers_impl": hf_impl, "speedup": speedup,
-                     "results": results, "loadavg_after": loadavg(), "machine": machine_info(device)})
+    print_json_line(
+        {
+            "benchmark": "generate",
+            "model": cfg.name,
+            "device": str(device),
+            "dtype": a.dtype,
+            "prompt_len": a.prompt_len,
+            "new_tokens": a.new_tokens,
+            "rounds": a.rounds,
+            "clock": clock,
+            "transformers_impl": hf_impl,
+            "speedup": speedup,
+            "results": results,
+            "loadavg_after": loadavg(),
+            "machine": machine_info(device),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,17 @@ import tempfile
 
 import torch
 
-from benchlib import available_memory, interleaved_times, loadavg, machine_info, matmul_peak_flops, print_json_line, resolve_clock, summary, tune_malloc
+from benchlib import (
+    available_memory,
+    interleaved_times,
+    loadavg,
+    machine_info,
+    matmul_peak_flops,
+    print_json_line,
+    resolve_clock,
+    summary,
+    tune_malloc,
+)
 
 from moelab.accounting import embedding_params, plan
 from moelab.config import ModelConfig
@@ -58,12 +68,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5, help="timed steps per candidate")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
-                   help="leave glibc malloc at its defaults (see benchlib.tune_malloc)")
+    p.add_argument(
+        "--no-malloc-tuning",
+        dest="malloc_tuning",
+        action="store_false",
+        help="leave glibc malloc at its defaults (see benchlib.tune_malloc)",
+    )
     p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"])
     p.add_argument("--impls", nargs="+", default=list(HF_IMPLS), help="transformers experts implementations")
-    p.add_argument("--optimizer", default="fused", choices=["fused", "foreach", "for-loop"],
-                   help="AdamW implementation, the same for every candidate (moelab train uses fused)")
+    p.add_argument(
+        "--optimizer",
+        default="fused",
+        choices=["fused", "foreach", "for-loop"],
+        help="AdamW implementation, the same for every candidate (moelab train uses fused)",
+    )
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one moelab step")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -75,15 +93,24 @@ def main(argv: list[str] | None = None) -> dict:
     clock = resolve_clock(args.clock, args.threads, "cpu")
     torch.manual_seed(args.seed)
     cfg = ModelConfig(
-        vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-        ffn_hidden=args.ffn or 2 * args.d_model, n_experts=args.experts, top_k=args.top_k, max_seq_len=args.seq,
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        ffn_hidden=args.ffn or 2 * args.d_model,
+        n_experts=args.experts,
+        top_k=args.top_k,
+        max_seq_len=args.seq,
     )
     B, T = args.batch or args.threads, args.seq
     tokens = B * T
     info = machine_info("cpu")
-    print(f"training step: {cfg.name} (d={cfg.d_model}, L={cfg.n_layers}, E={cfg.n_experts}, k={cfg.top_k}, "
-          f"F={cfg.ffn_hidden}, V={cfg.vocab_size}), batch {B}×{T}, fp32 on {info['cpu']}, {args.threads} threads, "
-          f"{clock} clock, AdamW {args.optimizer}, malloc tuned {malloc_tuned}, torch {info['torch']}, transformers {info['transformers']}, load avg {info.get('loadavg_1m')}")
+    print(
+        f"training step: {cfg.name} (d={cfg.d_model}, L={cfg.n_layers}, E={cfg.n_experts}, k={cfg.top_k}, "
+        f"F={cfg.ffn_hidden}, V={cfg.vocab_size}), batch {B}×{T}, fp32 on {info['cpu']}, {args.threads} threads, "
+        f"{clock} clock, AdamW {args.optimizer}, malloc tuned {malloc_tuned}, torch {info['torch']}, "
+        f"transformers {info['transformers']}, load avg {info.get('loadavg_1m')}"
+    )
 
     ours = MoETransformer(cfg)
     ids_BT = torch.randint(0, cfg.vocab_size, (B, T + 1))
@@ -95,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
         ours.save_pretrained(tmp)
         for impl in args.impls:
             if impl == "batched_mm" and hf_batched_mm_bytes(cfg, tokens) > 0.5 * available_memory():
-                skipped[impl] = f"needs ~{hf_batched_mm_bytes(cfg, tokens) / 2**30:.0f} GiB (weight copy per token copy)"
+                skipped[impl] = (
+                    f"needs ~{hf_batched_mm_bytes(cfg, tokens) / 2**30:.0f} GiB (weight copy per token copy)"
+                )
                 continue
             hf = AutoModelForCausalLM.from_pretrained(
                 tmp, dtype=torch.float32, attn_implementation="sdpa", experts_implementation=impl
@@ -105,8 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
             models[f"transformers:{impl}"] = hf
     fused = {"fused": True, "foreach": False, "for-loop": False}[args.optimizer]
     foreach = {"fused": None, "foreach": True, "for-loop": False}[args.optimizer]
-    optims = {n: torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused or None,
-                                   foreach=foreach) for n, m in models.items()}
+    optims = {
+        n: torch.optim.AdamW(
+            m.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused or None, foreach=foreach
+        )
+        for n, m in models.items()
+    }
 
     def loss_of(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective to minimise, LM loss) for one forward pass on the shared batch."""
@@ -167,13 +200,17 @@ def main(argv: list[str] | None = None) -> dict:
     pl = plan(cfg, train_tokens=1.0, seq_len=T)
     fpt = pl.flops_per_token
     fpt_strict = fpt - 6 * (embedding_params(cfg) // 2)
-    print(f"\n{'candidate':>24} | {'median s/step':>13} | {'min':>7} | {'IQR/med':>7} | {'tokens/s':>9} | "
-          f"{'GFLOP/s':>8} | {'% peak':>6}")
+    print(
+        f"\n{'candidate':>24} | {'median s/step':>13} | {'min':>7} | {'IQR/med':>7} | {'tokens/s':>9} | "
+        f"{'GFLOP/s':>8} | {'% peak':>6}"
+    )
     print("-" * 94)
     for n, r in res.items():
         tps = tokens / (r["median_ms"] / 1e3)
-        print(f"{n:>24} | {r['median_ms'] / 1e3:>13.3f} | {r['min_ms'] / 1e3:>7.3f} | {100 * r['iqr_rel']:>6.0f}% | "
-              f"{tps:>9.0f} | {tps * fpt / 1e9:>8.1f} | {100 * tps * fpt / peak:>5.1f}%")
+        print(
+            f"{n:>24} | {r['median_ms'] / 1e3:>13.3f} | {r['min_ms'] / 1e3:>7.3f} | {100 * r['iqr_rel']:>6.0f}% | "
+            f"{tps:>9.0f} | {tps * fpt / 1e9:>8.1f} | {100 * tps * fpt / peak:>5.1f}%"
+        )
     for impl, why in skipped.items():
         print(f"  transformers:{impl} skipped: {why}")
     hf = {n: r for n, r in res.items() if n != "moelab"}
@@ -183,21 +220,38 @@ def main(argv: list[str] | None = None) -> dict:
     tps = tokens / (res["moelab"]["median_ms"] / 1e3)
     tps_best = tokens / (res["moelab"]["min_ms"] / 1e3)
     mfu, mfu_strict, mfu_best = tps * fpt / peak, tps * fpt_strict / peak, tps_best * fpt / peak
-    print(f"\nmatmul peak ({2048}² fp32 torch.mm, {args.threads} threads, {clock} clock): "
-          f"{peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})")
-    print(f"model FLOPs/token: {fpt / 1e6:.1f} M (6·N_active {pl.flops_per_token_6n / 1e6:.1f} M + attention "
-          f"{pl.attn_flops_per_token / 1e6:.1f} M); without the input-embedding lookup {fpt_strict / 1e6:.1f} M")
-    print(f"moelab vs transformers' fastest ({best_hf}): {speedup:.2f}× on medians, {speedup_min:.2f}× on minima "
-          f"(target ≥ 1.2×)")
-    print(f"moelab model FLOP/s ÷ matmul peak: {100 * mfu:.1f}% (median step; {100 * mfu_best:.1f}% best step; "
-          f"{100 * mfu_strict:.1f}% without the embedding lookup) (target ≥ 50%)")
+    print(
+        f"\nmatmul peak ({2048}² fp32 torch.mm, {args.threads} threads, {clock} clock): "
+        f"{peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})"
+    )
+    print(
+        f"model FLOPs/token: {fpt / 1e6:.1f} M (6·N_active {pl.flops_per_token_6n / 1e6:.1f} M + attention "
+        f"{pl.attn_flops_per_token / 1e6:.1f} M); without the input-embedding lookup {fpt_strict / 1e6:.1f} M"
+    )
+    print(
+        f"moelab vs transformers' fastest ({best_hf}): {speedup:.2f}× on medians, {speedup_min:.2f}× on minima "
+        f"(target ≥ 1.2×)"
+    )
+    print(
+        f"moelab model FLOP/s ÷ matmul peak: {100 * mfu:.1f}% (median step; {100 * mfu_best:.1f}% best step; "
+        f"{100 * mfu_strict:.1f}% without the embedding lookup) (target ≥ 50%)"
+    )
     noise = statistics.median(r["iqr_rel"] for r in res.values())
     out = {
         "benchmark": "train_step",
-        "config": {**{k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "n_experts",
-                                                     "top_k", "vocab_size")},
-                   "batch": B, "seq": T, "threads": args.threads, "clock": clock, "rounds": args.rounds, "malloc_tuned": malloc_tuned,
-                   "optimizer": args.optimizer},
+        "config": {
+            **{
+                k: getattr(cfg, k)
+                for k in ("d_model", "n_layers", "n_heads", "ffn_hidden", "n_experts", "top_k", "vocab_size")
+            },
+            "batch": B,
+            "seq": T,
+            "threads": args.threads,
+            "clock": clock,
+            "rounds": args.rounds,
+            "malloc_tuned": malloc_tuned,
+            "optimizer": args.optimizer,
+        },
         "machine": {**info, "loadavg_1m_before": load_before, "loadavg_1m_after": load_after},
         "ms_per_step": res,
         "noise_iqr_rel_median": round(noise, 3),

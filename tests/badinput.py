@@ -94,12 +94,17 @@ def assert_clean_error(
     created = sorted(set(after) - set(before))
     removed = sorted(set(before) - set(after))
     changed = sorted(p for p in set(before) & set(after) if before[p] != after[p] and before[p][0] != -1)
-    assert not (created or removed or changed), f"left behind: created={created} removed={removed} changed={changed}\n{shown}"
+    assert not (created or removed or changed), (
+        f"left behind: created={created} removed={removed} changed={changed}\n{shown}"
+    )
     return line
 
 
-def assert_api_error(fn: Callable[[], object], needle: str | Sequence[str], exc: type[BaseException] = MoelabError) -> str:
-    """Assert that calling ``fn()`` raises ``exc`` (a MoelabError by default) with a one-line message naming ``needle``."""
+def assert_api_error(
+    fn: Callable[[], object], needle: str | Sequence[str], exc: type[BaseException] = MoelabError
+) -> str:
+    """Assert that calling ``fn()`` raises ``exc`` (a MoelabError by default) with a one-line message naming
+    ``needle``."""
     with pytest.raises(exc) as info:
         fn()
     msg = str(info.value)

@@ -9,8 +9,21 @@ import pytest
 from moelab.cli import main
 
 REQUIRED = {
-    "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "n_experts", "top_k", "vocab_size", "total_params",
-    "active_params", "sparsity", "train_tokens", "tpp", "flops_per_token", "train_flops",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden",
+    "n_experts",
+    "top_k",
+    "vocab_size",
+    "total_params",
+    "active_params",
+    "sparsity",
+    "train_tokens",
+    "tpp",
+    "flops_per_token",
+    "train_flops",
 }
 
 
@@ -24,7 +37,10 @@ def test_plan_paper_preset_json(capsys):
 
 
 def test_plan_single_config_json(capsys):
-    argv = "plan --d-model 512 --layers 16 --heads 4 --ffn-hidden 1024 --experts 8 --top-k 2 --vocab-size 99584 --train-tokens 125e9 --json"
+    argv = (
+        "plan --d-model 512 --layers 16 --heads 4 --ffn-hidden 1024 --experts 8 --top-k 2 --vocab-size 99584 "
+        "--train-tokens 125e9 --json"
+    )
     assert main(argv.split()) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["total_params"] == 320_160_256 and row["active_params"] == 169_165_312
@@ -42,7 +58,10 @@ def test_plan_table_is_readable(capsys):
     "argv,needle",
     [
         ("plan --d-model 512 --heads 4 --ffn-hidden 1024 --experts 2 --top-k 4", "top_k (4) must be <= n_experts (2)"),
-        ("plan --d-model 500 --heads 3 --ffn-hidden 1024 --experts 8 --top-k 2", "d_model (500) must be divisible by n_heads (3)"),
+        (
+            "plan --d-model 500 --heads 3 --ffn-hidden 1024 --experts 8 --top-k 2",
+            "d_model (500) must be divisible by n_heads (3)",
+        ),
         ("plan --d-model 512 --heads 4 --kv-heads 3 --ffn-hidden 1024 --experts 8 --top-k 2", "n_kv_heads"),
         ("plan --d-model 512 --heads 4 --ffn-hidden 0 --experts 8 --top-k 2", "--ffn-hidden"),
         ("plan --d-model 512 --heads 4 --experts 8 --top-k 2", "--ffn-hidden"),
