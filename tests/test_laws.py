@@ -359,6 +359,11 @@ def test_tables_that_cannot_support_a_law_are_one_line_errors():
     dense = sparse_data()
     dense = {k: v[dense["S"] <= 0.5] for k, v in dense.items()}
     assert_api_error(lambda: laws.fit(laws.get_form("abnar"), dense), "distinct values of S")
+    two_e = joint_data()
+    two_e = {k: v[two_e["E"] <= 4] for k, v in two_e.items()}
+    assert_api_error(lambda: laws.fit(laws.get_form("ludziejewski"), two_e),
+                     ["3 distinct values of E", "E_start and E_max", "e_start=..."])
+    laws.get_form("ludziejewski", e_start=2.0, e_max=300.0).check(two_e, "table")  # fixed Ê: 2 values of E suffice
     assert_api_error(lambda: laws.fit(form, d, huber_delta=-1.0), "--huber-delta")
     assert_api_error(lambda: laws.get_form("kaplan"), ["--law", "kaplan", "chinchilla"])
 

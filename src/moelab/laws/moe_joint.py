@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from .base import Data, LawForm, Param, column, logsumexp_terms, require_distinct, require_not_collinear
+from .base import Data, LawDataError, LawForm, Param, column, logsumexp_terms, require_distinct, require_not_collinear
 from .chinchilla import chinchilla_optimum
 
 # Ludziejewski et al. 2025, App. B: α, β ∈ {0.05, 0.25, 0.5} (magnitudes; negative in eq. (6)), A, B ∈ {30, 100, 300},
@@ -160,7 +160,13 @@ class JointMoE(LawForm):
         return np.array(theta)
 
     def check(self, data: Data, where: str) -> None:
-        require_distinct(data, self.min_distinct, self.name, where)
+        try:
+            require_distinct(data, self.min_distinct, self.name, where)
+        except LawDataError as e:
+            if self.fit_transform and "values of E" in str(e):  # the table could still support the law with Ê fixed
+                raise LawDataError(f"{e} to fit E_start and E_max too; with 2, fix them (Python: "
+                                   "get_form('ludziejewski', e_start=..., e_max=...))") from None
+            raise
         require_not_collinear(data, ("N_active", "D"), self.name, where)
 
     def slice_coefficients(self, theta: np.ndarray, E: float) -> dict[str, float]:
