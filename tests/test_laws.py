@@ -23,7 +23,9 @@ from moelab.laws.ladder import AccuracySigmoid
 from moelab.laws.moe_joint import transformed_experts
 
 HOFFMANN = np.array([math.log(406.4), math.log(410.7), math.log(1.69), 0.34, 0.28])  # Hoffmann et al. 2022 eq. (10)
-JOINT = np.array([math.log(35.9), -0.19, -0.01, 0.23, math.log(36.0), -0.18, 0.026, -0.55, math.log(1.36)])
+# Ludziejewski et al. 2025, Table 3 (fit space: ln a, α, γ, δ, ln b, β, ζ, ω, ln c, ln E_start, ln(E_max/E_start))
+JOINT = np.array([math.log(35.91), -0.1889, 0.0098, -0.2285, math.log(35.98), -0.1775, -0.0259, 0.5529,
+                  math.log(1.3637), math.log(2.0732), math.log(290.4521 / 2.0732)])
 SPARSE = np.array([math.log(400), 0.34, math.log(400), 0.28, math.log(0.3), 0.5, math.log(5.0), 0.3, 0.15,
                    math.log(1.5)])
 SIGMOID = np.array([0.65, -5.0, 1.3, 0.25])  # a, k, L0, b
@@ -42,7 +44,7 @@ def chinchilla_data(sigma: float = 1e-3, seed: int = 0, params: np.ndarray = HOF
 
 
 def joint_data(sigma: float = 2e-4, seed: int = 0) -> dict:
-    g = grid(np.logspace(7, 9.5, 6), np.logspace(9, 11.5, 6), [1, 4, 16, 64])
+    g = grid(np.logspace(7, 9.5, 6), np.logspace(9, 11.5, 6), [1, 4, 16, 64, 256])  # E up to near E_max: Ê saturates
     d = {"N_active": g[:, 0], "D": g[:, 1], "E": g[:, 2]}
     noise = np.exp(np.random.default_rng(seed).normal(0, sigma, len(g)))
     d["loss"] = laws.get_form("ludziejewski").predict(JOINT, d) * noise
@@ -89,11 +91,25 @@ def test_chinchilla_on_noise_free_data_is_exact_and_many_starts_agree():
 
 
 def test_joint_moe_recovers_known_parameters():
-    # σ = 0.02 %; max errors over 5 seeds: a 0.7 %, b 2.4 %, c 0.2 %, α 5e-4, β 1.3e-3, γ 1e-4, ζ 3e-4,
-    # δ 2e-3, ω 6e-3.
+    # The paper's Table 3 law with E_start, E_max fitted as the paper does; σ = 0.02 %; max errors over 5 seeds:
+    # a 0.4 %, b 1.3 %, c 0.13 %, α 3e-4, β 7e-4, γ 1e-4, ζ 2e-4, δ 1.3e-3, ω 3.8e-3, E_start 1.0 %, E_max 2.6 %.
     form = laws.get_form("ludziejewski")
     r = laws.fit(form, joint_data(), n_boot=0, holdout=0)
-    assert_close(r.params, form.report(JOINT), rel={"a": 0.1, "b": 0.1, "c": 0.02},
+    assert len(r.theta) == 11 and r.n_grid == 3**9  # the paper's App. B grid over its nine listed coefficients
+    assert_close(r.params, form.report(JOINT), rel={"a": 0.1, "b": 0.1, "c": 0.02, "E_start": 0.05, "E_max": 0.1},
+                 abs_={"alpha": 0.01, "beta": 0.01, "gamma": 0.003, "zeta": 0.003, "delta": 0.03, "omega": 0.03})
+
+
+def test_joint_moe_with_fixed_transform_recovers_the_nine_coefficients():
+    # Ê fixed by the caller (here Ê = E): the nine-parameter power sum; same data law with E_start = 1, E_max = ∞,
+    # σ = 0.02 %; max errors over 5 seeds: a 0.34 %, b 0.66 %, c 0.14 %, α 2.5e-4, β 3.5e-4, γ 4e-5, ζ 6e-5,
+    # δ 6e-4, ω 1.1e-3.
+    form = laws.get_form("ludziejewski", e_start=1.0, e_max=math.inf)
+    d = joint_data()
+    d["loss"] = form.predict(JOINT[:9], d) * np.exp(np.random.default_rng(0).normal(0, 2e-4, len(d["E"])))
+    r = laws.fit(form, d, n_boot=0, holdout=0)
+    assert len(r.theta) == 9 and "E_start" not in r.params and "fixed by the caller" in r.summary()["warnings"][0]
+    assert_close(r.params, form.report(JOINT[:9]), rel={"a": 0.1, "b": 0.1, "c": 0.02},
                  abs_={"alpha": 0.01, "beta": 0.01, "gamma": 0.003, "zeta": 0.003, "delta": 0.03, "omega": 0.03})
 
 
@@ -163,10 +179,13 @@ def test_surface_matches_the_analysis_response_surface():
 @pytest.mark.parametrize("name,theta,data", [
     ("chinchilla", HOFFMANN, lambda: chinchilla_data()),
     ("ludziejewski", JOINT, lambda: joint_data()),
+    ("ludziejewski-fixed", JOINT[:9], lambda: joint_data()),
     ("abnar", SPARSE, lambda: sparse_data()),
 ])
 def test_analytic_jacobian_matches_finite_differences(name, theta, data):
-    form, d = laws.get_form(name), data()
+    form = (laws.get_form("ludziejewski", e_start=2.0, e_max=300.0) if name == "ludziejewski-fixed"
+            else laws.get_form(name))
+    d = data()
     X = form.prepare(d)
     f0, J = form.f_and_jac(theta, X)
     for j in range(len(theta)):
@@ -176,6 +195,7 @@ def test_analytic_jacobian_matches_finite_differences(name, theta, data):
         fd = (form.f_and_jac(theta + e, X)[0] - form.f_and_jac(theta - e, X)[0]) / (2 * h)
         np.testing.assert_allclose(J[:, j], fd, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(np.exp(f0), form.predict(theta, d), rtol=1e-12)
+    np.testing.assert_allclose(form.f_batch(np.stack([theta, theta * 1.01]), X)[0], f0, rtol=1e-12)  # grid screening
 
 
 def test_predictions_are_the_papers_equations_written_out():
@@ -186,11 +206,13 @@ def test_predictions_are_the_papers_equations_written_out():
     np.testing.assert_allclose(laws.get_form("chinchilla").predict(HOFFMANN, {"N": N, "D": D}),
                                p["E"] + p["A"] / N ** p["alpha"] + p["B"] / D ** p["beta"], rtol=1e-12)
     q = laws.get_form("ludziejewski").report(JOINT)
-    lE = np.log(E)
-    want = (q["a"] * E ** q["delta"] * Na ** (q["alpha"] + q["gamma"] * lE)
-            + q["b"] * E ** q["omega"] * D ** (q["beta"] + q["zeta"] * lE) + q["c"])
+    Eh = 1 / (1 / (E - 1 + 1 / (1 / q["E_start"] - 1 / q["E_max"])) + 1 / q["E_max"])  # eq. (4) written out
+    lE = np.log(Eh)
+    want = (q["a"] * Eh ** q["delta"] * Na ** (q["alpha"] + q["gamma"] * lE)
+            + q["b"] * Eh ** q["omega"] * D ** (q["beta"] + q["zeta"] * lE) + q["c"])
     np.testing.assert_allclose(laws.get_form("ludziejewski").predict(JOINT, {"N_active": Na, "D": D, "E": E}), want,
                                rtol=1e-12)
+    assert Eh[0] == pytest.approx(q["E_start"])  # Ê(1) = E_start
     s = laws.get_form("abnar").report(SPARSE)
     want = (s["a"] / N ** s["alpha"] + s["b"] / D ** s["beta"] + s["c"] / (1 - S) ** s["lambda"]
             + s["d"] / ((1 - S) ** s["delta"] * N ** s["gamma"]) + s["e"])
@@ -239,7 +261,7 @@ def test_joint_moe_optimum_at_fixed_experts_is_the_chinchilla_optimum_of_its_sli
     p = form.report(JOINT)
     E = 16.0
     opt = form.compute_optimal(JOINT, 1e21, E=E)
-    lE = math.log(E)  # Ê = E with the default constants
+    lE = math.log(transformed_experts(E, p["E_start"], p["E_max"]))
     def loss(ln: float) -> float:
         run = {"N_active": np.array([math.exp(ln)]), "D": np.array([1e21 / 6 / math.exp(ln)]), "E": np.array([E])}
         return form.predict(JOINT, run)[0]
@@ -337,6 +359,11 @@ def test_tables_that_cannot_support_a_law_are_one_line_errors():
     dense = sparse_data()
     dense = {k: v[dense["S"] <= 0.5] for k, v in dense.items()}
     assert_api_error(lambda: laws.fit(laws.get_form("abnar"), dense), "distinct values of S")
+    two_e = joint_data()
+    two_e = {k: v[two_e["E"] <= 4] for k, v in two_e.items()}
+    assert_api_error(lambda: laws.fit(laws.get_form("ludziejewski"), two_e),
+                     ["3 distinct values of E", "E_start and E_max", "e_start=..."])
+    laws.get_form("ludziejewski", e_start=2.0, e_max=300.0).check(two_e, "table")  # fixed Ê: 2 values of E suffice
     assert_api_error(lambda: laws.fit(form, d, huber_delta=-1.0), "--huber-delta")
     assert_api_error(lambda: laws.get_form("kaplan"), ["--law", "kaplan", "chinchilla"])
 

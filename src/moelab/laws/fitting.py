@@ -84,11 +84,26 @@ def select_starts(form: LawForm, X: Any, z: np.ndarray, delta: float | None, gri
     grid = np.atleast_2d(grid)
     if max_starts is None or len(grid) <= max_starts:
         return grid
-    vals = np.array([_objective(x, form, X, z, delta)[0] for x in grid])
+    vals = grid_objective(form, X, z, delta, grid)
     order = np.argsort(vals, kind="stable")
     best, rest = order[: max_starts // 2], np.sort(order[max_starts // 2:])
     spread = rest[np.linspace(0, len(rest) - 1, max_starts - len(best)).round().astype(int)]
     return grid[np.concatenate([best, spread])]
+
+
+def grid_objective(form: LawForm, X: Any, z: np.ndarray, delta: float | None, grid: np.ndarray,
+                   block: int = 2_000_000) -> np.ndarray:
+    """The objective at every grid point: vectorised over blocks of ``block`` (point, run) pairs where the form has
+    ``f_batch``, one call per point otherwise. Non-finite values become +inf (such a start is never preferred)."""
+    rows = max(1, block // max(len(z), 1))
+    if form.f_batch(grid[:1], X) is None:
+        vals = np.array([_objective(x, form, X, z, delta)[0] for x in grid])
+    else:
+        scale = 1.0 / (len(z) * (delta * delta if delta else 1.0))
+        with np.errstate(over="ignore", invalid="ignore"):
+            vals = np.concatenate([huber(form.f_batch(grid[i:i + rows], X) - z, delta)[0].sum(axis=1) * scale
+                                   for i in range(0, len(grid), rows)])
+    return np.where(np.isfinite(vals), vals, np.inf)
 
 
 def solve(form: LawForm, X: Any, z: np.ndarray, delta: float | None, starts: np.ndarray,

@@ -1,16 +1,19 @@
 """Loss in total parameters, tokens and sparsity (Abnar et al. 2025, "Parameters vs FLOPs: Scaling Laws for Optimal
-Sparsity for Mixture-of-Experts Language Models", ICML 2025, arXiv:2501.12370):
+Sparsity for Mixture-of-Experts Language Models", ICML 2025, arXiv:2501.12370, §5 eq. (6)):
 
     L(N, D, S) = a/N^α + b/D^β + c/(1 − S)^λ + d/((1 − S)^δ · N^γ) + e
 
-N = total parameters, D = training tokens, S = sparsity = fraction of inactive experts = 1 − k/E (the definition
-Nakamura et al. 2025 also use; S = 0 is dense). Chinchilla's two terms, a term in the density 1 − S alone and one
-coupling density with model size.
+N = total parameters, D = training tokens, S = sparsity = the ratio of inactive to total experts (their eq. (7)),
+1 − k/E for top-k routing (the definition Nakamura et al. 2025 also use; S = 0 is dense). Eq. (6) is their eq. (5)
+(Hoffmann et al.'s form) plus a term in the density 1 − S alone and one coupling density with model size; the paper
+reads (1 − S) as a rough proxy for the fraction of active parameters, and reports a negative λ (§6).
 
-Caveat (stated with every fit): the copies of the paper available to us (its abstract and summaries) confirm only
-that the law extends Hoffmann et al.'s with terms in N, D and (1 − S); the exact terms above follow our reading of
-the paper and could not be checked against its equation — treat coefficient-level comparisons with the paper as
-unverified.
+Fitting as in the paper (§5, App. F): Hoffmann et al.'s recipe, L-BFGS on the Huber loss with δ = 1e-3 (moelab's
+default) of log-residuals, from a grid of initial values. Their grid (Table 2, :func:`paper_grid`) has 437,400
+points; screened down to moelab's 128 starts it missed the optimum on one of five synthetic test tables (each of its
+points starts at e = exp(1.5) ≈ 4.5, above typical losses), so the default grid is moelab's own, smaller one;
+``paper_grid()`` with ``max_starts=None`` starts from every point of theirs. Their fitted values (App. F, Table 3)
+were not in the copies of the paper available to us.
 
 Fit space: θ = (ln a, α, ln b, β, ln c, λ, ln d, δ, γ, ln e) — a :class:`~moelab.laws.base.PowerSumForm`. A dense-only
 table cannot separate c from e or d from a: the form needs at least three distinct sparsities.
@@ -18,6 +21,7 @@ table cannot separate c from e or d from a: the form needs at least three distin
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -26,21 +30,29 @@ from scipy.optimize import minimize_scalar
 from .base import Data, Param, PowerSumForm, column, require_distinct, require_not_collinear
 
 
+def paper_grid() -> np.ndarray:
+    """Abnar et al.'s initial values (App. F, Table 2) in moelab's fit space (ln a, α, ln b, β, ln c, λ, ln d, δ, γ,
+    ln e): log a, b, c, d ∈ {0, 10, 20}; α, β, γ ∈ {0, 0.25, ..., 1.25}; λ, δ ∈ {−1, −0.5, 0, 0.5, 1}; log e = 1.5.
+    437,400 points; pass it as ``laws.fit(..., grid=paper_grid(), max_starts=None)`` to start from every one."""
+    c, x, s = (0.0, 10.0, 20.0), (0.0, 0.25, 0.5, 0.75, 1.0, 1.25), (-1.0, -0.5, 0.0, 0.5, 1.0)
+    return np.array(list(itertools.product(c, x, c, x, c, s, c, s, x, (1.5,))), dtype=float)
+
+
 class SparsityMoE(PowerSumForm):
     name = "abnar"
     title = "L(N, D, S) = a/N^α + b/D^β + c/(1−S)^λ + d/((1−S)^δ·N^γ) + e"
-    source = "Abnar et al. 2025 (arXiv:2501.12370), loss law in N, D and sparsity S"
+    source = "Abnar et al. 2025 (arXiv:2501.12370) §5, eq. (6)"
     inputs = ("N", "D", "S")
     min_distinct = {"N": 3, "D": 3, "S": 3}
-    caveats = ("the exact sparsity terms of Abnar et al. 2025 could not be checked against the paper's equation "
-               "in the available copies; the form follows docs/laws.md",)
+    # Initial values: moelab's grid (1,728 points), not the paper's Table 2 (see the module docstring); λ includes a
+    # negative value because Abnar et al. report a negative λ (§6: sparser models reach lower loss).
     params = (
         Param("ln_a", -20.0, 60.0, (0.0, 5.0, 10.0)),
         Param("alpha", 0.0, 4.0, (0.2, 0.5)),
         Param("ln_b", -20.0, 60.0, (0.0, 5.0, 10.0)),
         Param("beta", 0.0, 4.0, (0.2, 0.5)),
         Param("ln_c", -30.0, 10.0, (-3.0, 0.0)),
-        Param("lambda", -4.0, 4.0, (0.0, 0.5)),
+        Param("lambda", -4.0, 4.0, (-0.5, 0.0, 0.5)),
         Param("ln_d", -30.0, 60.0, (-3.0, 3.0)),
         Param("delta", -4.0, 4.0, (0.0,)),
         Param("gamma", 0.0, 4.0, (0.1, 0.4)),
