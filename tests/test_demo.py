@@ -178,6 +178,9 @@ def test_demo_spec_seeds_override_remaps_seed_selectors():
         [3, 4, 5][preset["seeds"].index(s["seed"])] if "seed" in s else None for s in preset["post_train"]["only"]
     ]
     assert demo_spec(True, "demo", [0, 1, 2])._path is not None  # the preset's own seeds: its file as written
+    # the study's spec.yaml is then the dumped spec: it must plan the same runs (`moelab sweep STUDY/spec.yaml`)
+    dumped = yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    assert [p.run_id for p in plan_sweep(load_spec(dumped))] == [p.run_id for p in plans]
     with_grpo, without = plan_sweep(demo_spec(True)), plan_sweep(demo_spec(False))
     assert [p.run_id for p in with_grpo] == [p.run_id for p in without]
     assert all(p.stages == ["train", "eval"] for p in without)
