@@ -105,33 +105,26 @@ def test_exposures_per_fact() -> None:
     assert exposures_per_fact(1e6, 0.5, 50_000, 2) == pytest.approx(20.0)
 
 
-@pytest.mark.parametrize("preset", ["demo_v2", "demo_full"])
+@pytest.mark.parametrize("preset", ["demo", "demo_full"])
 def test_demo_presets_are_valid_and_their_stated_demands_hold(preset: str) -> None:
-    """The new presets' task-set sections parse and give the bits, exposures and chance their comments and
-    docs/demo_design.md state; everything else parses as a SweepSpec once the two phase-B features (`seeds`, a
-    task-set `synthetic:`) are set aside."""
-    import yaml
-
+    """The presets' task-set sections give the bits, exposures and chance that their comments and
+    docs/demo_design.md state (card lengths: measured with the demo's 512-token BPE)."""
     from moelab.knowledge import knowledge_bits
-    from moelab.sweep import SweepSpec, resolve_spec_path
+    from moelab.sweep import load_spec
 
-    raw = yaml.safe_load(resolve_spec_path(preset).read_text())
-    ts = TaskSetConfig.parse(raw["synthetic"], "synthetic")
+    spec = load_spec(preset)
+    ts = spec.synthetic
     kn = ts.knowledge
     assert kn.n_eval >= 500 and ts.reasoning.n_test >= 500 and ts.reasoning.n_test % ts.reasoning.modulus == 0
-    assert raw["seeds"] == [0, 1, 2]
-    tokens = raw["budget"]["tokens"]
-    seq, batch = raw["train"]["seq_len"], raw["train"]["global_batch"]
+    assert spec.seeds == [0, 1, 2]
+    tokens = spec.budget.tokens
+    seq, batch = spec.train["seq_len"], spec.train["global_batch"]
     assert tokens % (seq * batch) == 0
-    card_tokens = 168  # measured: one 7-attribute card with the demo's 512-token BPE (docs/demo_design.md)
+    card_tokens = {4: 93, 7: 162}[len(kn.attributes)]  # mean tokens of one card (docs/demo_design.md §2)
     exposures = exposures_per_fact(tokens, 0.5, kn.n_people * kn.cards_per_person * card_tokens, kn.cards_per_person)
     bits = knowledge_bits(kn.n_people, kn.attributes)
-    if preset == "demo_v2":
-        assert (round(exposures), round(bits)) == (47, 5105)  # 52 with the measured 162 tokens per card
+    if preset == "demo":
+        assert (round(exposures, -1), round(bits)) == (160, 4329)
     else:
-        assert (round(exposures), round(bits, -2)) == (99, 81700)
-    rest = {k: v for k, v in raw.items() if k not in ("seeds", "synthetic")}
-    rest["post_train"]["only"] = [{k: v for k, v in sel.items() if k != "seed"} for sel in rest["post_train"]["only"]]
-    spec = SweepSpec.parse({**rest, "synthetic": {}}, preset)
-    totals = sorted({p["E"] for p in spec.points()})
-    assert totals == [2, 8, 32, 64] and len(spec.points()) == 5
+        assert (round(exposures, -1), round(bits, -3)) == (250, 102000)
+    assert len({(p["E"], p["k"]) for p in spec.points()}) == (4 if preset == "demo" else 5)

@@ -193,6 +193,10 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                       "(default: on when `moelab grpo` exists)")
     grpo.add_argument("--no-grpo", dest="with_grpo", action="store_false", help="skip the GRPO stages")
     p.add_argument("--parallel", default="2", metavar="N", help="runs at once, one thread each (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
+                   help="seeds of every configuration (init and data order, paired; default: %(default)s)")
+    p.add_argument("--scale", default="default", metavar="SCALE",
+                   help="default (12 min on 2 cores) or full (about an hour on 16 cores; docs/demo_design.md)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live overview")
 
 
@@ -210,12 +214,16 @@ def _positive_int(flag: str, text: str | None) -> int | None:
 
 
 def _run_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import SCALES, parse_seeds, run_demo
     from .sweep.paths import check_output_dir
 
     parallel = _positive_int("demo: --parallel", a.parallel)
+    seeds = parse_seeds(a.seeds)
+    if a.scale not in SCALES:
+        raise MoelabError(f"demo: --scale: expected one of {', '.join(SCALES)} (got {a.scale!r})")
     check_output_dir(a.out)
-    run_demo(a.out, with_grpo=a.with_grpo, parallel=parallel, progress=False if a.no_progress else None)
+    run_demo(a.out, with_grpo=a.with_grpo, parallel=parallel, scale=a.scale, seeds=seeds,
+             progress=False if a.no_progress else None)
     return 0
 
 

@@ -333,6 +333,9 @@ class DataConfig(StrictModel):
     split_seed: NonNegativeInt = 0  # which documents are held out; fixed across runs so val losses compare
     seed: NonNegativeInt = 0  # mixture sampling (which windows each step sees)
     num_workers: NonNegativeInt | None = None  # tokenization processes; None: one per CPU, 0: in-process
+    # where training windows start: "uniform" (any token, the default) or "documents" (a document's first token,
+    # so short documents such as a question with its worked solution are seen whole; docs/demo_design.md §3)
+    windows: Literal["uniform", "documents"] = "uniform"
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DataConfig":

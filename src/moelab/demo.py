@@ -1,15 +1,16 @@
 """``moelab demo``: the miniature study (README's first command), end to end on a laptop CPU.
 
-    sweep (the packaged ``demo`` spec: 8 MoE models over E and k at two active sizes, trained on the synthetic
-    memorization + reasoning mixture, evaluated on both held-out tasks; with GRPO, two of them post-trained on
-    synthetic reasoning and evaluated again) → analyze (STUDY/analysis/runs.parquet) → report
-    (STUDY/report/index.html) → a printed summary: accuracy per run next to what guessing gets, and where the
-    time went.
+    sweep (the packaged ``demo`` spec: 4 MoE configurations x 3 seeds on synthetic knowledge + multi-step
+    arithmetic, evaluated on both held-out tasks; with GRPO, the two E=8 configurations post-trained on synthetic
+    reasoning and evaluated again) → analyze (STUDY/analysis/runs.parquet) → report (STUDY/report/index.html) →
+    a printed summary: accuracy per configuration (mean over seeds) next to what guessing gets, the paper's claims
+    tested on this study (moelab.claims), and where the time went.
 
+``--seeds 0,1,2`` (default) picks the seeds (train.seed = data.seed = s, paired across configurations);
+``--scale full`` runs the larger preset (``sweep_demo_full.yaml``, about an hour on a 16-core workstation).
 Re-running the same command resumes: finished stages are never redone (moelab.sweep's registry). Everything is
-seeded (synthetic data, tokenizer, initialisation, data order, evaluation); two fresh runs agree up to
-floating-point differences, which can grow over training at the demo's high learning rates. Sizes and difficulty:
-``src/moelab/presets/sweep_demo.yaml`` and docs/study.md "The demo" / "Tuning the demo".
+seeded (synthetic data, tokenizer, initialisation, data order, evaluation). Sizes and the budget arithmetic:
+docs/demo_design.md; the old demo (8 configurations, one seed) stays runnable as ``moelab sweep demo_v1``.
 """
 
 from __future__ import annotations
@@ -21,27 +22,56 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .errors import MoelabError
+from .errors import ConfigError, MoelabError
 from .sweep.orchestrator import run_sweep
-from .sweep.paths import status_path
+from .sweep.paths import expand, status_path
 from .sweep.registry import load_study
 from .sweep.spec import SweepSpec, moelab_command_available, read_spec_file, resolve_spec_path
-from .tasks import TASKS as TASKS_REGISTRY, primary_metric
+from .tasks import TASKS as TASKS_REGISTRY
 
-__all__ = ["demo_spec", "run_demo", "chance_baselines", "stage_times"]
+__all__ = ["SCALES", "demo_spec", "run_demo", "chance_baselines", "parse_seeds", "stage_times"]
 
 TASKS = {name: TASKS_REGISTRY[name].family for name in ("synthetic_memory", "synthetic_reasoning")}  # task -> family
+SCALES = {"default": "demo", "full": "demo_full"}  # --scale → packaged preset
 
 
-def demo_spec(with_grpo: bool = True, spec: str | Path = "demo") -> SweepSpec:
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → [0, 1, 2]: distinct non-negative integers (a one-line error naming ``--seeds`` otherwise)."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"demo: --seeds: expected distinct non-negative integers like 0,1,2 (got {text!r})")
+    return seeds
+
+
+def _remap_seed_selectors(raw: dict[str, Any], seeds: list[int]) -> None:
+    """``post_train.only`` selectors that name a seed mean the i-th seed of the preset's ``seeds:``: with other
+    seeds they name the i-th of those (``--seeds 3,4,5``: the preset's seed 0 becomes 3)."""
+    old = list(raw.get("seeds") or [])
+    only = (raw.get("post_train") or {}).get("only") or []
+    for sel in only:
+        if isinstance(sel, dict) and "seed" in sel and sel["seed"] in old and old.index(sel["seed"]) < len(seeds):
+            sel["seed"] = seeds[old.index(sel["seed"])]
+
+
+def demo_spec(
+    with_grpo: bool = True, spec: str | Path = "demo", seeds: list[int] | None = None
+) -> SweepSpec:
     """The demo spec, without its ``post_train`` section when ``with_grpo`` is False (run ids do not change:
-    they hash the training config only, so a later ``--with-grpo`` run adds the GRPO stages to finished runs)."""
+    they hash the training config only, so a later ``--with-grpo`` run adds the GRPO stages to finished runs), and
+    with ``seeds`` in place of the spec's own ``seeds:``."""
     path = resolve_spec_path(spec)
     raw = read_spec_file(path)
     if not with_grpo:
         raw.pop("post_train", None)
+    unchanged = with_grpo and (seeds is None or list(seeds) == raw.get("seeds"))
+    if seeds is not None:
+        _remap_seed_selectors(raw, seeds)
+        raw["seeds"] = list(seeds)
     s = SweepSpec.parse(raw, str(spec))
-    s._path = path.resolve() if with_grpo else None  # None: the study's spec.yaml is this exact (reduced) spec
+    s._path = path.resolve() if unchanged else None  # None: the study's spec.yaml is this exact (changed) spec
     return s
 
 
@@ -59,17 +89,36 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def chance_baselines(synthetic_dir: str | Path, limit: int | None = None) -> dict[str, float]:
-    """Accuracy of answer-prior guessers on the evaluated items (the first ``limit``, as ``moelab eval --limit``):
+    """Accuracy of guessing on the evaluated items (the first ``limit``, as ``moelab eval --limit``).
+
+    Task-set data (moelab.synthetic_tasks) state it exactly: a uniform guess over attribute *a*'s value set scores
+    1/|V_a| on each memory item (each item records its ``bits`` = log2 |V_a|), and a uniform guess over the
+    residues scores 1/p on each reasoning problem; the test set is stratified by answer, so every constant answer
+    scores exactly 1/p too (the manifest's ``chance``). For moelab.synthetic's data (the old demo), answer-prior
+    guessers:
 
     * memory: answer every question about attribute *a* with *a*'s most common value among the people whose facts
       the model was trained on — what a model gets that learned the answer distribution but no person's facts;
     * reasoning: always answer the most common final answer of the training problems.
     """
+    d = Path(synthetic_dir)
+    manifest = json.loads((d / "manifest.json").read_text())
+    if "chance" in manifest:
+        if limit is None:
+            return {task: float(v) for task, v in manifest["chance"].items()}
+        mem = _jsonl(d / "synthetic_memory.jsonl")[:limit]
+        return {
+            "synthetic_memory": sum(2.0 ** -it["bits"] for it in mem) / max(1, len(mem)),
+            "synthetic_reasoning": 1.0 / manifest["config"]["reasoning"]["modulus"],
+        }
+    return _prior_guessers(d, manifest, limit)
+
+
+def _prior_guessers(d: Path, manifest: dict[str, Any], limit: int | None) -> dict[str, float]:
     from .config import SyntheticConfig
     from .synthetic import final_answer, make_world
 
-    d = Path(synthetic_dir)
-    cfg = SyntheticConfig.parse(json.loads((d / "manifest.json").read_text())["config"], "synthetic manifest")
+    cfg = SyntheticConfig.parse(manifest["config"], "synthetic manifest")
     world = make_world(cfg.n_entities, cfg.seed)
     evaluated = {it["entity"] for it in _jsonl(d / "synthetic_memory.jsonl")}
     counts: dict[str, Counter] = {}
@@ -123,70 +172,57 @@ def stage_times(study: str | Path) -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _acc(metrics: dict[str, float] | None, task: str) -> float | None:
-    per_task = {
-        k.split("/", 1)[1]: v for k, v in (metrics or {}).items() if k.startswith(task + "/") and "task_loss" not in k
-    }
-    m = primary_metric(task, per_task)
-    return per_task.get(m) if m else None
+def study_data_dir(study: str | Path, spec: SweepSpec) -> Path | None:
+    """The study's generated synthetic data (``STUDY/data/synthetic-<hash>/synthetic``), None without one."""
+    root = spec.synthetic_root()
+    return Path(expand(root, {"STUDY": str(Path(study).resolve())})) / "synthetic" if root else None
 
 
-def print_summary(study: Path, spec: SweepSpec, timings: dict[str, float], console=None) -> dict[str, Any]:
-    """The closing table: every run's size, loss and accuracies next to the guessing baselines, and the timings."""
+def _mean_sd(values: Any, scale: float = 100.0, digits: int = 1) -> str:
+    v = [float(x) * scale for x in values if x is not None and x == x]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    m = sum(v) / len(v)
+    sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def print_summary(study: Path, spec: SweepSpec, timings: dict[str, float], df: Any, console=None) -> dict[str, Any]:
+    """The closing tables: per configuration (mean ± SD over seeds) size, TPP, loss, accuracy and task loss next
+    to the guessing baselines; the paper's claims on this study (moelab.claims); and where the time went."""
     from rich.console import Console
     from rich.table import Table
 
+    from .claims import claims_text, evaluate_claims
+
     console = console or Console(width=160)
-    rows = sorted(
-        (r for r in load_study(study) if r["in_spec"]), key=lambda r: (r["active_params"], r["n_experts"], r["top_k"])
-    )
-    syn = Path(rows[0]["run_dir"]).parent.parent / "data"
-    syn_dirs = sorted(p for p in syn.glob("synthetic-*/synthetic") if (p / "manifest.json").is_file())
-    data_dir = next(
-        (p for p in syn_dirs if spec.synthetic_root() and spec.synthetic_root().endswith(p.parent.name)), syn_dirs[-1]
-    )
-    chance = chance_baselines(data_dir, spec.eval.limit if spec.eval else None)
-    post = any("post_train" in r["stage_states"] for r in rows)
-    t = Table(title=f"{spec.name}: {len(rows)} runs (accuracy on {spec.eval.limit or 'all'} held-out items per task)")
-    for c in ("model", "E", "k", "sparsity", "total", "active", "val loss", "memory acc", "reasoning acc") + (
-        ("reasoning after GRPO",) if post else ()
-    ):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
-    best: dict[str, tuple[float, str]] = {}
-    for r in rows:
-        accs = {task: _acc(r["eval_metrics"], task) for task in TASKS}
-        for task, a in accs.items():
-            if a is not None and a > best.get(task, (-1.0, ""))[0]:
-                best[task] = (a, r["name"])
-        after = _acc(r["post_eval_metrics"], "synthetic_reasoning") if r.get("post_eval_metrics") else None
+    data_dir = study_data_dir(study, spec)
+    chance = chance_baselines(data_dir, spec.eval.limit if spec.eval else None) if data_dir else {}
+    done = df[df["completed"].astype(bool) & df["total_params"].notna()]
+    post = any(c.startswith("grpo_after.") for c in done.columns)
+    t = Table(title=f"{spec.name}: {len(done)} completed runs; accuracy (%) and task loss (bits per answer token), "
+                    "mean ± SD over seeds")
+    cols = ["config", "seeds", "total", "active", "TPP", "train loss", "memory acc", "memory bpt", "reasoning acc",
+            "reasoning bpt"] + (["reasoning after GRPO"] if post else [])
+    for c in cols:
+        t.add_column(c, justify="left" if c == "config" else "right")
+    for (E, k), g in sorted(done.groupby(["n_experts", "top_k"]), key=lambda x: (x[0][1], x[0][0])):
+        g0 = g.iloc[0]
         t.add_row(
-            r["name"],
-            str(r["n_experts"]),
-            str(r["top_k"]),
-            f"{1 - r['top_k'] / r['n_experts']:.3f}",
-            f"{r['total_params']:,}",
-            f"{r['active_params']:,}",
-            f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-",
-            pct(accs["synthetic_memory"]),
-            pct(accs["synthetic_reasoning"]),
-            *((pct(after),) if post else ()),
+            f"d{int(g0['d_model'])}-E{int(E)}-k{int(k)}", str(len(g)), f"{int(g0['total_params']):,}",
+            f"{int(g0['active_params']):,}", f"{g0['tpp']:.3g}", _mean_sd(g.get("train_loss", []), 1, 3),
+            *(_mean_sd(g.get(f"{m}.{task}", []), 100 if m == "acc" else 1, 1 if m == "acc" else 3)
+              for task in TASKS for m in ("acc", "bpt")),
+            *((_mean_sd(g.get("grpo_after.synthetic_reasoning", [])),) if post else ()),
         )
-    t.add_row(
-        "guessing (answer prior)",
-        "",
-        "",
-        "",
-        "",
-        "",
-        "",
-        pct(chance["synthetic_memory"]),
-        pct(chance["synthetic_reasoning"]),
-        *(("",) if post else ()),
-    )
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    t.add_row("guessing", "", "", "", "", "", pct(chance.get("synthetic_memory")), "",
+              pct(chance.get("synthetic_reasoning")), "", *(("",) if post else ()))
     console.print(t)
-    for task, (a, name) in best.items():
-        console.print(f"best {TASKS[task]}: {name} {pct(a)} (guessing {pct(chance[task])})")
+    claims = evaluate_claims(df, chance=chance or None)
+    console.print(claims_text(claims), soft_wrap=True, markup=False, highlight=False)
     times = stage_times(study)
     if times:
         tt = Table(title="time per stage (completed attempts; CPU = the stage process's user+sys)")
@@ -197,7 +233,7 @@ def print_summary(study: Path, spec: SweepSpec, timings: dict[str, float], conso
         for name, secs in timings.items():
             tt.add_row(name, "", f"{secs:.0f} s", "", "")
         console.print(tt)
-    return {"chance": chance, "best": best, "stage_times": times, "timings": timings}
+    return {"chance": chance, "claims": claims, "stage_times": times, "timings": timings}
 
 
 def run_demo(
@@ -205,20 +241,28 @@ def run_demo(
     *,
     with_grpo: bool | None = None,
     parallel: int = 2,
-    spec: str | Path = "demo",
+    spec: str | Path | None = None,
+    scale: str = "default",
+    seeds: list[int] | None = None,
     progress: bool | None = None,
     n_boot: int = 200,
 ) -> Path:
-    """Sweep → analyze → report for the demo spec into ``out``; returns the report's index.html. ``with_grpo``
-    None: GRPO stages when ``moelab grpo`` is installed."""
+    """Sweep → analyze → report → summary for the demo spec into ``out``; returns the report's index.html.
+    ``scale``: "default" (12 minutes on 2 cores) or "full" (about an hour on 16); ``spec`` overrides it.
+    ``seeds``: replace the spec's ``seeds:`` (default: the preset's 0, 1, 2). ``with_grpo`` None: GRPO stages
+    when ``moelab grpo`` is installed."""
     from .analysis import analyze
     from .report import make_report
 
+    if spec is None:
+        if scale not in SCALES:
+            raise ConfigError(f"demo: --scale: expected one of {', '.join(SCALES)} (got {scale!r})")
+        spec = SCALES[scale]
     if with_grpo is None:
         with_grpo = grpo_available()
     if with_grpo and not grpo_available():
         raise MoelabError("demo: --with-grpo needs `moelab grpo` (moelab.rl), which this installation lacks")
-    s = demo_spec(with_grpo, spec)
+    s = demo_spec(with_grpo, spec, seeds)
     study = Path(out).resolve()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -231,16 +275,17 @@ def run_demo(
         print(
             f"moelab demo: {len(failed)} run(s) failed ({', '.join(failed)}); "
             f"see `moelab sweep --status --out {study}` "
-            f"and their logs/; re-run with `moelab sweep demo --out {study} --retry-failed`. Reporting the rest."
+            f"and their logs/; re-run with `moelab sweep {study / 'spec.yaml'} --out {study} --retry-failed`. "
+            "Reporting the rest."
         )
     t1 = time.perf_counter()
-    _, pq, _ = analyze(study)
+    df, pq, _ = analyze(study)
     timings["analyze"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     index = make_report(study, n_boot=n_boot)
     timings["report"] = time.perf_counter() - t2
     timings["demo total (this call)"] = time.perf_counter() - t0
-    print_summary(study, s, timings)
+    print_summary(study, s, timings, df)
     print(f"table:  {pq}")
     print(f"report: {index}")
     return index

@@ -51,7 +51,7 @@ from .paths import (
 from .plan import RunPlan, plan_sweep
 from .registry import Registry, load_study_from
 from .runner import RunJob, runner_alive, wait_for_orphan
-from .spec import CommandsSpec, SweepSpecBase, load_spec, moelab_command_available, moelab_verb
+from .spec import MALLOC_ENV, CommandsSpec, SweepSpecBase, load_spec, moelab_command_available, moelab_verb
 from .state import StudyState, sync_registry
 
 
@@ -159,10 +159,10 @@ def prepare_study_data(
         syn = Path(expand(root, variables)) / "synthetic"
         manifest = read_json(syn / "manifest.json")
         if not (manifest and manifest.get("config") == spec.synthetic.model_dump()):  # regenerating changes mtimes
-            from ..synthetic import write_synthetic
+            from ..synthetic_tasks import write_synthetic_data
 
             log(f"writing synthetic data to {syn}")
-            write_synthetic(syn, spec.synthetic)
+            write_synthetic_data(syn, spec.synthetic)
     if spec.prepare_data:
         from ..data import build_dataset
 
@@ -236,7 +236,9 @@ def make_job(
     threads: int | None = None,
 ) -> RunJob:
     """The JSON job a stage runner executes for ``stages`` of run ``p``."""
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+    env = dict(MALLOC_ENV) if spec.malloc_tuning else {}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return RunJob(
         study_dir=str(study),
         run_id=p.run_id,

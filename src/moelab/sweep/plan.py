@@ -2,7 +2,8 @@
 
 A run's id is ``d{d}-E{E}-k{k}-{first 8 hex of the hash of its resolved train config}`` (defaults and execution-only
 settings excluded), so changing anything that changes training gives new runs, and changing ``eval``/``post_train``
-keeps the runs and re-opens only the stages it affects (their stage hashes). Budgets follow docs/paper.md
+keeps the runs and re-opens only the stages it affects (their stage hashes). With a ``seeds:`` axis the id is
+``d{d}-E{E}-k{k}-s{seed}-{hash8}`` (specs without one keep their ids). Budgets follow docs/paper.md
 §Accounting: tokens, TPP, or IsoFLOP (train tokens = C / FLOPs-per-token), rounded up to whole optimizer steps exactly
 as :func:`moelab.train.resolve_budget` does.
 """
@@ -27,7 +28,7 @@ class RunPlan:
     run_id: str
     config_hash: str
     name: str  # ModelConfig.name, e.g. d512-E8-k2-320M-A170M
-    point: dict[str, Any]  # d, L, E, k, lr, init_std (None: the spec's default)
+    point: dict[str, Any]  # d, L, E, k, lr, init_std, seed (None: the spec's default)
     config: dict[str, Any]  # the portable RunConfig dict (model/data/train); paths may hold ${STUDY}/${SPEC_DIR}
     accounting: dict[str, Any]  # moelab.accounting.plan at the tokens actually trained (whole steps)
     steps: int
@@ -47,6 +48,7 @@ class RunPlan:
             **self.accounting,
             "lr": self.config["train"].get("lr", TrainConfig.model_fields["lr"].default),
             "init_std": self.config["model"].get("init_std", ModelConfig.model_fields["init_std"].default),
+            "seed": self.config["train"].get("seed", TrainConfig.model_fields["seed"].default),
             "steps": self.steps,
             "tokens_per_step": self.tokens_per_step,
             "warmup_steps": self.warmup_steps,
@@ -112,26 +114,32 @@ def plan_sweep(spec: SweepSpecBase | str | Path | dict[str, Any]) -> list[RunPla
     plans: dict[str, RunPlan] = {}
     for pt in spec.points():
         label = f"run d={pt['d']} L={pt.get('L') or spec.model.get('n_layers', 16)} E={pt['E']} k={pt['k']}"
+        if pt.get("seed") is not None:
+            label += f" seed={pt['seed']}"
         mcfg = derive_model(spec, pt, label)
         resolved = {
             **pt,
             "L": mcfg.n_layers,
-            "lr": pt.get("lr") or TrainConfig.parse({**spec.train, "train_tokens": 1.0}).lr,
+            "lr": pt.get("lr") or train_cfg.lr,
             "init_std": mcfg.init_std,
+            "seed": pt.get("seed", train_cfg.seed),
         }
         run_stages = [s for s in stages if s not in ("post_train", "eval_post") or spec.post_train.selects(resolved)]
         fpt = account(mcfg, train_tokens=1.0, seq_len=seq).flops_per_token
         for C in spec.budget.flops or [None]:
-            train = dict(spec.train)
+            train, run_data = dict(spec.train), data
             if pt.get("lr") is not None:
                 train["lr"] = pt["lr"]
+            if pt.get("seed") is not None:  # the seeds axis: initialisation and data order
+                train["seed"] = pt["seed"]
+                run_data = {**data, "seed": pt["seed"]}
             if C is not None:
                 train["train_tokens"] = C / fpt
             elif spec.budget.tokens is not None:
                 train["train_tokens"] = spec.budget.tokens
             else:
                 train["tpp"] = spec.budget.tpp
-            rc = RunConfig.parse({"model": mcfg.model_dump(mode="json"), "data": data, "train": train}, where=label)
+            rc = RunConfig.parse({"model": mcfg.model_dump(mode="json"), "data": run_data, "train": train}, where=label)
             nominal = rc.train.train_tokens if rc.train.train_tokens is not None else rc.train.tpp * mcfg.num_params
             steps = max(1, math.ceil(nominal / tokens_per_step - 1e-9))  # as moelab.train.resolve_budget
             warmup = rc.train.warmup if isinstance(rc.train.warmup, int) else round(rc.train.warmup * steps)
@@ -147,7 +155,8 @@ def plan_sweep(spec: SweepSpecBase | str | Path | dict[str, Any]) -> list[RunPla
             ):
                 continue
             h = config_hash(rc)
-            run_id = f"d{mcfg.d_model}-E{mcfg.n_experts}-k{mcfg.top_k}-{h[:8]}"
+            seed_part = f"-s{pt['seed']}" if pt.get("seed") is not None else ""
+            run_id = f"d{mcfg.d_model}-E{mcfg.n_experts}-k{mcfg.top_k}{seed_part}-{h[:8]}"
             if run_id in plans:
                 continue
             stage_hashes = {
@@ -160,7 +169,7 @@ def plan_sweep(spec: SweepSpecBase | str | Path | dict[str, Any]) -> list[RunPla
                 run_id=run_id,
                 config_hash=h,
                 name=mcfg.name,
-                point={k: pt.get(k) for k in ("d", "L", "E", "k", "lr", "init_std")} | {"budget_flops": C},
+                point={k: pt.get(k) for k in ("d", "L", "E", "k", "lr", "init_std", "seed")} | {"budget_flops": C},
                 config=rc.model_dump(mode="json"),
                 accounting=acc.to_dict(),
                 steps=steps,

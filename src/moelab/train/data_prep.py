@@ -64,6 +64,16 @@ def prepare_data(cfg: RunConfig, run_dir: Path, base_dir: Path, env: DistEnv, pr
     return ds, tok_dir
 
 
+def train_sampler(ds, cfg: RunConfig, env: DistEnv):
+    """The run's training batches: windows drawn uniformly, or starting at document boundaries with
+    ``data.windows: documents`` (moelab.sampler.MixtureSampler; the sampler state and resume are the same)."""
+    t = cfg.train
+    return ds.sampler(
+        t.global_batch, t.seq_len, rank=env.rank, world_size=env.world_size,
+        align_documents=cfg.data.windows == "documents",
+    )
+
+
 def validation_sets(ds, t: TrainConfig, env: DistEnv) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Fixed held-out batches (``eval_batches`` × ``global_batch`` windows, this rank's rows): the mixture under
     ``val_loss`` and, with several sources, each source under ``val_loss/<name>``."""

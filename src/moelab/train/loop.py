@@ -30,7 +30,7 @@ from ..model import MoETransformer, load_imbalance
 from .budget import Budget, check_memory, lr_at, resolve_budget
 from .callbacks import CallbackList, TrainContext
 from .checkpoint import CheckpointStore, Selection, step_dir_name
-from .data_prep import check_sources, prepare_data, unigram_entropy, validation_sets
+from .data_prep import check_sources, prepare_data, train_sampler, unigram_entropy, validation_sets
 from .distributed import (
     DistEnv, autocast_dtype, seed_everything, set_rng_state, setup_distributed, teardown_distributed,
 )
@@ -244,7 +244,7 @@ class _Trainer:
         self.model.to(env.device)
         self.wrapped = wrap_model(self.model, t, env)
         self.optimizer = build_optimizer(self.model, t, env.device)
-        self.sampler = ds.sampler(t.global_batch, t.seq_len, rank=env.rank, world_size=env.world_size)
+        self.sampler = train_sampler(ds, cfg, env)
         self.format = FullStateFormat(cfg.model, tok_dir)
         self.start_step = 0
         if ckpt is not None:
