@@ -32,6 +32,7 @@ from moelab.config import RunConfig
 from moelab.errors import ConfigError, MoelabError
 import moelab.sweep.spec
 from moelab.sweep import _study_lock, load_spec, load_study, plan_sweep, run_sweep
+from moelab.sweep.orchestrator import queue_order
 
 from sweepfake import (
     completed_events,
@@ -295,7 +296,7 @@ def test_sweep_runs_every_stage_records_everything_and_never_redoes_work(tmp_pat
 def test_sigkill_mid_training_loses_and_redoes_nothing(tmp_path):
     spec = fake_spec(tmp_path)
     study = tmp_path / "study"
-    ids = [p.run_id for p in plan_sweep(spec)]
+    ids = queue_order(plan_sweep(spec))  # the order the sweep starts them in
     victim = ids[1]
     proc = sweep_proc(spec, study, env={"FAKE_HANG_RUN": victim, "FAKE_HANG_STEP": "8"})
     hang = study / "runs" / victim / "train" / ".hang"
@@ -356,7 +357,7 @@ def test_sigkill_mid_training_loses_and_redoes_nothing(tmp_path):
 def test_sigterm_stops_cleanly_and_the_next_sweep_resumes(tmp_path):
     spec = fake_spec(tmp_path, grid={"d": [32], "E": [2, 4], "k": [1]})
     study = tmp_path / "study"
-    ids = [p.run_id for p in plan_sweep(spec)]
+    ids = queue_order(plan_sweep(spec))  # the order the sweep starts them in
     proc = sweep_proc(spec, study, env={"FAKE_HANG_RUN": ids[0], "FAKE_HANG_STEP": "12"})
     wait_for(study / "runs" / ids[0] / "train" / ".hang", proc)
     proc.send_signal(signal.SIGTERM)
@@ -375,7 +376,7 @@ def test_sigterm_stops_cleanly_and_the_next_sweep_resumes(tmp_path):
 def test_failed_runs_are_reported_and_retried_only_on_request(tmp_path, capsys):
     spec = fake_spec(tmp_path)
     study = tmp_path / "study"
-    ids = [p.run_id for p in plan_sweep(spec)]
+    ids = queue_order(plan_sweep(spec))  # the order the sweep starts them in
     (study / "runs" / ids[2]).mkdir(parents=True)
     (study / "runs" / ids[2] / "FAIL").write_text("")
     assert main(["sweep", str(spec), "--out", str(study), "--no-progress"]) == 1
@@ -598,7 +599,7 @@ def test_real_sigkill_resume_equals_an_uninterrupted_run(tmp_path):
             {**REAL, "runs": [{"d": 32, "E": 2, "k": 1}, {"d": 32, "E": 4, "k": 2}], "commands": {"train": hang}}
         )
     )
-    ids = [p.run_id for p in plan_sweep(spec_path)]
+    ids = queue_order(plan_sweep(spec_path))  # the order the sweep starts them in
     study = tmp_path / "study"
     proc = sweep_proc(spec_path, study, env={"HANG_RUN": ids[1]})
     wait_for(study / "runs" / ids[1] / "train" / ".test_hang_step_6", proc, timeout=300)
