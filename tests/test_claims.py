@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from moelab.claims import (
+    stability_text,
     Contrast,
     claims_html,
     claims_text,
@@ -266,3 +267,16 @@ def test_stability_check_flags_only_reproduced_against_contradicted():
     detail = [r for r in compare_claims(evaluate_claims(up), evaluate_claims(down)) if r["contrast"]]
     acc = next(r for r in detail if r["claim"] == "a" and r["unit"] == "points")
     assert acc["overlap"] is False and acc["effect_a"] > 0 > acc["effect_b"]
+    text = stability_text(compare_claims(evaluate_claims(up), evaluate_claims(down)))
+    assert "(a) reproduced vs contradicted  CONFLICT" in text and "intervals DISJOINT" in text
+    assert text.splitlines()[-1].lstrip().startswith(f"{sum(r['conflict'] for r in detail) + 1} conflict(s)")
+
+
+def test_claims_cli_refuses_a_directory_that_is_not_a_study(tmp_path, capsys):
+    """`moelab claims DIR [--against DIR2]`: a directory without a registry is a one-line error, exit 2."""
+    from moelab.cli import main
+
+    (tmp_path / "a").mkdir()
+    assert main(["claims", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("moelab: error: ") and "not a study directory" in err

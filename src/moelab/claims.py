@@ -535,6 +535,26 @@ def claims_text(claims: list[Claim]) -> str:
     return "\n".join(lines)
 
 
+def stability_text(rows: list[dict[str, Any]]) -> str:
+    """Plain text of :func:`compare_claims`: per claim the two verdicts, per contrast the two effects with their
+    intervals, and the count of conflicts (reproduced in one set, contradicted in the other)."""
+    lines = ["Seed-set stability (first study vs --against):"]
+    for r in rows:
+        if r["contrast"] is None:
+            flag = "  CONFLICT" if r["conflict"] else ""
+            lines.append(f"  ({r['claim']}) {r['verdict_a']} vs {r['verdict_b']}{flag}")
+            continue
+        u = r["unit"]
+        ov = {True: "intervals overlap", False: "intervals DISJOINT", None: "no interval"}[r.get("overlap")]
+        lines.append(f"      {r['contrast']}: {_num(r['effect_a'], u)} [{_num(r['low_a'], u)}, {_num(r['high_a'], u)}]"
+                     f" vs {_num(r['effect_b'], u)} [{_num(r['low_b'], u)}, {_num(r['high_b'], u)}] {u}; {ov}"
+                     + ("  CONFLICT" if r["conflict"] else ""))
+    n = sum(bool(r["conflict"]) for r in rows)
+    lines.append(f"  {n} conflict(s): " + ("the two seed sets never contradict each other" if n == 0 else
+                                          "one set reproduces what the other contradicts"))
+    return "\n".join(lines)
+
+
 def _cell(c: Contrast | None) -> tuple[str, str]:
     if c is None or not np.isfinite(c.effect):
         return "–", "–"

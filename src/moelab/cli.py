@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
-from .errors import MoelabError
+from .errors import ConfigError, MoelabError
 from .tasks import TASKS, answer_tasks, grpo_tasks, task_names
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None], str]] = {}
@@ -430,6 +431,53 @@ def _run_recommend(a: argparse.Namespace) -> int:
 
 
 register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a study's fitted law", _recommend_args, _run_recommend)
+
+
+def _finite_or_none(x: Any) -> Any:
+    """JSON has no NaN/inf: an undefined effect or interval becomes null."""
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    if isinstance(x, float) and x != x or x in (float("inf"), float("-inf")):
+        return None
+    return x
+
+
+def _claims_args(p: argparse.ArgumentParser) -> None:
+    _analyze_args(p)
+    p.add_argument("--against", metavar="STUDY2",
+                   help="a second study of the same spec with disjoint seeds: the seed-set stability check")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _run_claims(a: argparse.Namespace) -> int:
+    from .claims import claims_text, compare_claims, stability_text, study_claims
+    from .demo import study_chance
+
+    studies = [a.study] + ([a.against] if a.against else [])
+    for s in studies:
+        if not (Path(s) / "registry.sqlite").is_file():
+            raise ConfigError(f"{s}: not a study directory (no registry.sqlite)")
+    sets = [study_claims(s, chance=study_chance(s) or None) for s in studies]
+    rows = compare_claims(*sets) if a.against else None
+    if a.json:
+        out: dict[str, Any] = {"claims": [c.to_dict() for c in sets[0]]}
+        if a.against:
+            out.update(against=[c.to_dict() for c in sets[1]], stability=rows,
+                       conflicts=sum(r["conflict"] for r in rows))
+        print(json.dumps(_finite_or_none(out), indent=1))
+        return 0
+    for s, claims in zip(studies, sets):
+        print(f"{s}:")
+        print(claims_text(claims))
+    if rows is not None:
+        print(stability_text(rows))
+    return 0
+
+
+register("claims", "test the paper's four claims on a study (and the seed-set stability check with --against)",
+         _claims_args, _run_claims)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from .errors import ConfigError, MoelabError
 from .sweep.orchestrator import run_sweep
 from .sweep.paths import expand, status_path
 from .sweep.registry import load_study
-from .sweep.spec import SweepSpec, moelab_command_available, read_spec_file, resolve_spec_path
+from .sweep.spec import SweepSpec, load_spec, moelab_command_available, read_spec_file, resolve_spec_path
 from .tasks import TASKS as TASKS_REGISTRY
 
 __all__ = ["SCALES", "demo_spec", "run_demo", "chance_baselines", "parse_seeds", "stage_times"]
@@ -176,6 +176,19 @@ def study_data_dir(study: str | Path, spec: SweepSpec) -> Path | None:
     """The study's generated synthetic data (``STUDY/data/synthetic-<hash>/synthetic``), None without one."""
     root = spec.synthetic_root()
     return Path(expand(root, {"STUDY": str(Path(study).resolve())})) / "synthetic" if root else None
+
+
+def study_chance(study: str | Path) -> dict[str, float]:
+    """Guessing accuracy per task of a study whose spec generates synthetic data (read from ``STUDY/spec.yaml``),
+    on the items its evaluation scores; empty for a study on real data or whose data is not generated yet."""
+    spec_file = Path(study) / "spec.yaml"
+    if not spec_file.is_file():
+        return {}
+    spec = load_spec(spec_file)
+    data_dir = study_data_dir(study, spec) if isinstance(spec, SweepSpec) else None
+    if data_dir is None or not (data_dir / "manifest.json").is_file():
+        return {}
+    return chance_baselines(data_dir, spec.eval.limit if spec.eval else None)
 
 
 def _mean_sd(values: Any, scale: float = 100.0, digits: int = 1) -> str:
