@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from moelab.expert_parallel import expert_params, grad_norm, moe_layers, reduce_expert_grads, shard_experts
+from moelab.expert_parallel import ep_mesh, expert_params, grad_norm, moe_layers, reduce_expert_grads, shard_experts
 from moelab.model import MoETransformer
 from moelab.train import apply_activation_checkpointing
 
@@ -38,8 +38,11 @@ def wrap(model: MoETransformer, wrapper: str) -> torch.nn.Module:
     return fully_shard(model, ignored_params=set(experts))
 
 
-def full(g: torch.Tensor | None) -> torch.Tensor | None:
-    return g.full_tensor() if hasattr(g, "full_tensor") else g
+def local(g: torch.Tensor) -> torch.Tensor:
+    """FSDP2's replicated-parameter gradients in full; an expert shard's gradient as this rank holds it."""
+    if not hasattr(g, "full_tensor"):
+        return g
+    return g.to_local() if g.device_mesh.mesh_dim_names == ("ep",) else g.full_tensor()
 
 
 def main(out: Path) -> None:
@@ -51,7 +54,7 @@ def main(out: Path) -> None:
     for wrapper, ckpt, backend in [("ddp", False, "loop"), ("ddp", True, "grouped_mm"), ("fsdp", False, "grouped_mm")]:
         torch.manual_seed(0)
         model = MoETransformer(model_config(backend))
-        shard_experts(model)
+        shard_experts(model, ep_mesh(world, 2))
         if ckpt:
             apply_activation_checkpointing(model)
         wrapped = wrap(model, wrapper)
@@ -64,11 +67,11 @@ def main(out: Path) -> None:
             reduce_expert_grads(model, world)
             if i == 0:
                 norm = grad_norm(model)
-                grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
+                grads = {n: local(p.grad).clone() for n, p in model.named_parameters()}
             losses.append(o.loss.detach())
             opt.step()
         torch.save({"loss": torch.stack(losses), "grads": grads, "norm": norm,
-                    "n_local": moe_layers(model)[0].w_down_EDF.shape[0]},
+                    "n_local": moe_layers(model)[0].w_down_EDF.to_local().shape[0]},
                    out / f"{wrapper}_{int(ckpt)}_{backend}_rank{rank}.pt")
     dist.destroy_process_group()
 

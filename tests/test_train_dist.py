@@ -115,3 +115,18 @@ def test_fsdp_resumes_under_fsdp(setup, tmp_path):
     assert r.stdout.count("completed at step 6/6") == 1
     assert [x["from"] for x in json.loads((run / "run.json").read_text())["resumes"]] == ["step_0000003"]
     assert_close(read_metrics(run / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_expert_parallel_two_processes_match_one_and_checkpoint_full_experts(setup, tmp_path, parallel):
+    """train.expert_parallel=2: each rank holds 2 of the 4 experts per layer, tokens travel by all-to-all
+    (moelab.expert_parallel). The metrics of 3 steps match one process as data parallelism's do, and the checkpoint
+    holds every expert (gathered from the DTensor shards), so one process resumes it and finishes the reference
+    curve."""
+    cfg_file, ref = setup
+    run = tmp_path / f"ep_{parallel}"
+    torchrun(str(cfg_file), "--out", str(run), "--set", f"train.parallel={parallel}",
+             "--set", "train.expert_parallel=2", "--stop-after-steps", "3")
+    assert latest_checkpoint(run).name == "step_0000003"
+    assert resume(run, progress=False).status == "completed"
+    assert_close(read_metrics(run / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl"))

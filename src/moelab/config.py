@@ -412,6 +412,9 @@ class TrainConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile each decoder block
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: DDP, or FSDP2 (fully_shard per block + root)
+    # under torchrun: ranks sharing one replica's experts (moelab.expert_parallel; must divide the world size and
+    # model.n_experts); 1: every rank holds every expert
+    expert_parallel: PositiveInt = 1
     activation_checkpointing: bool = False  # recompute each block in the backward pass
 
     @model_validator(mode="after")
@@ -450,6 +453,9 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        if self.model.n_experts % self.train.expert_parallel:
+            raise ValueError(f"train.expert_parallel ({self.train.expert_parallel}) must divide model.n_experts "
+                             f"({self.model.n_experts})")
         return self
 
 

@@ -22,7 +22,7 @@ both kinds then equal the gradient of the mean of the W ranks' losses, which is 
 same micro-batches (tests/test_expert_parallel.py, ≤ 1e-5 in fp32). The global gradient norm adds the replicated
 part once and the expert shards of every ep rank (:func:`grad_norm`).
 
-The paper's layouts (docs/paper.md §Parallelism) use ep = 8 inside a node; here ep divides the world size and E.
+The paper's largest model used ep = 8 inside a node (docs/paper.md §Training); ep must divide the world size and E.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from .errors import ConfigError
 from .moe import Dispatched, LocalDispatcher, MoEFFN
@@ -97,16 +99,29 @@ def moe_layers(model: nn.Module) -> list[MoEFFN]:
     return [m for m in model.modules() if isinstance(m, MoEFFN)]
 
 
-def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+def ep_mesh(world_size: int, ep: int, device_type: str = "cpu") -> DeviceMesh:
+    """The 2-D mesh (dp, ep) of ``world_size`` ranks: ``ep`` consecutive ranks share the experts of one model
+    replica (inside a node, as the paper's ep = 8), ``world_size / ep`` replicas of each expert shard."""
+    if ep < 1 or world_size % ep:
+        raise ConfigError(f"train.expert_parallel: {ep} does not divide the {world_size} ranks")
+    return init_device_mesh(device_type, (world_size // ep, ep), mesh_dim_names=("dp", "ep"))
+
+
+def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Keep this rank's slice of every MoE layer's experts (in place) and switch its dispatcher to all-to-all.
 
-    Call it on a model whose full weights are identical on every rank (same seed or loaded checkpoint), before
-    wrapping the rest for data parallelism. Parameter names are unchanged; their first dimension is E / ep."""
+    ``mesh``: a 1-D mesh of the ep ranks, or a mesh with an ``ep`` dimension (:func:`ep_mesh`). Call it on a model
+    whose full weights are identical on every rank (same seed, or a loaded checkpoint), before wrapping the rest
+    for data parallelism. Each expert weight becomes a DTensor sharded along its first (expert) dimension over the
+    ep ranks, so parameter names are unchanged and ``torch.distributed.checkpoint.state_dict`` gathers the full
+    weights and optimizer state for a checkpoint (and scatters them on load) as it does for FSDP's shards."""
+    ep = mesh["ep"] if mesh.mesh_dim_names and "ep" in mesh.mesh_dim_names else mesh
     for moe in moe_layers(model):
-        d = AllToAllDispatcher(group, moe.n_experts)
+        d = AllToAllDispatcher(ep.get_group(), moe.n_experts)
         lo, hi = d.rank * d.n_local, (d.rank + 1) * d.n_local
-        moe.w_gate_up_E2FD = nn.Parameter(moe.w_gate_up_E2FD.detach()[lo:hi].clone())
-        moe.w_down_EDF = nn.Parameter(moe.w_down_EDF.detach()[lo:hi].clone())
+        for name in ("w_gate_up_E2FD", "w_down_EDF"):
+            local = getattr(moe, name).detach()[lo:hi].clone()
+            setattr(moe, name, nn.Parameter(DTensor.from_local(local, ep, [Shard(0)], run_check=False)))
         moe.dispatcher = d
     return model
 
@@ -122,9 +137,10 @@ def reduce_expert_grads(model: nn.Module, world_size: int, dp_group: dist.Proces
     for p in expert_params(model):
         if p.grad is None:
             continue
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # a view of the DTensor's shard
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
-            dist.all_reduce(p.grad, group=dp_group)
-        p.grad.div_(world_size)
+            dist.all_reduce(g, group=dp_group)
+        g.div_(world_size)
 
 
 def grad_norm(model: nn.Module, ep_group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -151,21 +167,16 @@ def grad_norm(model: nn.Module, ep_group: dist.ProcessGroup | None = None) -> to
 
 
 @torch.no_grad()
-def gather_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
-    """Full expert weights (every rank's slices concatenated), by parameter name, on every rank of ``group``:
-    what a full-model checkpoint or an HF export of an expert-parallel model writes."""
+def gather_experts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full expert weights (every ep rank's slices concatenated), by parameter name, on every rank (collective)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    out = {}
-    for p in expert_params(model):
-        parts = [torch.empty_like(p) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, p.detach().contiguous(), group=group)
-        out[names[id(p)]] = torch.cat(parts)
-    return out
+    return {names[id(p)]: p.detach().full_tensor() for p in expert_params(model)}
 
 
 __all__ = [
     "AllToAllDispatcher",
     "EPDispatched",
+    "ep_mesh",
     "expert_params",
     "gather_experts",
     "grad_norm",

@@ -300,6 +300,8 @@ class MoEFFN(nn.Module):
     ) -> torch.Tensor:
         """SwiGLU of every row by its expert: rows sorted by expert, ``counts_E`` rows each (``offs_E``: their ends)."""
         w_gate_up, w_down = self.w_gate_up_E2FD, self.w_down_EDF
+        if hasattr(w_gate_up, "to_local"):  # expert parallelism: this rank's experts (moelab.expert_parallel)
+            w_gate_up, w_down = w_gate_up.to_local(), w_down.to_local()
         if w_gate_up.dtype != dtype:
             w_gate_up, w_down = w_gate_up.to(dtype), w_down.to(dtype)
         if backend == "grouped_mm" and x_SD.device.type == "cpu":  # measured on CPU only (docs/benchmarks.md)

@@ -67,6 +67,8 @@ def setup_distributed(t: TrainConfig) -> DistEnv:
         owns = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
+    if world > 1 and world % t.expert_parallel:  # one process ignores it (an EP run's checkpoint resumes there)
+        raise ConfigError(f"train.expert_parallel: {t.expert_parallel} does not divide the {world} ranks")
     return DistEnv(rank, world, local_rank, device, owns)
 
 

@@ -22,7 +22,8 @@ def apply_activation_checkpointing(model: MoETransformer) -> None:
 
 
 def wrap_model(model: MoETransformer, t: TrainConfig, env: DistEnv) -> torch.nn.Module:
-    """Activation checkpointing → per-block ``torch.compile`` → DDP or FSDP2 (torchtitan's order)."""
+    """Activation checkpointing → per-block ``torch.compile`` → expert sharding (``expert_parallel`` > 1) → DDP or
+    FSDP2 over the rest (torchtitan's order)."""
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     if t.compile:
@@ -30,6 +31,13 @@ def wrap_model(model: MoETransformer, t: TrainConfig, env: DistEnv) -> torch.nn.
             block.compile()
     if env.world_size == 1:
         return model
+    experts: list[torch.nn.Parameter] = []
+    if t.expert_parallel > 1:  # this rank keeps E / ep experts per layer; the wrappers below leave them alone
+        from ..expert_parallel import ep_mesh, expert_params, shard_experts
+
+        model.ep_mesh = ep_mesh(env.world_size, t.expert_parallel, env.device.type)
+        shard_experts(model, model.ep_mesh)
+        experts = expert_params(model)
     if t.parallel == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -38,11 +46,15 @@ def wrap_model(model: MoETransformer, t: TrainConfig, env: DistEnv) -> torch.nn.
         if amp is not None:
             mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
         for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            own = {p for p in experts if any(p is q for q in block.parameters())}
+            fully_shard(block, mp_policy=mp, ignored_params=own or None)
+        fully_shard(model, mp_policy=mp, ignored_params=set(experts) or None)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if experts:
+        names = {id(p): n for n, p in model.named_parameters()}
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [names[id(p)] for p in experts])
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(model, device_ids=ids, broadcast_buffers=False)
 
@@ -58,7 +70,15 @@ def param_groups(model: torch.nn.Module, t: TrainConfig) -> list[dict[str, Any]]
         skip = (is_norm and not t.decay_norms) or (is_embedding and not t.decay_embeddings)
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    # Expert parallelism under DDP: the expert shards are DTensors, the rest plain tensors, and the fused AdamW
+    # kernel takes one kind per call (it runs once per group), so they get groups of their own.
+    split = []
+    for g in groups:
+        for is_dt in (False, True):
+            ps = [p for p in g["params"] if hasattr(p, "device_mesh") == is_dt]
+            if ps:
+                split.append({**g, "params": ps})
+    return split
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:

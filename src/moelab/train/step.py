@@ -71,9 +71,12 @@ def train_step(
         counts_LE += out.expert_counts_LE
         if on_micro_batch_end is not None:
             on_micro_batch_end(i)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
+    if t.expert_parallel > 1 and env.world_size > 1:
+        grad_norm = _ep_clip(wrapped, params, t.grad_clip, env)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
 
     # One collective per step: the mean losses over ranks, and whether any rank was asked to stop.
     stats = torch.cat([sums / n_micro, torch.tensor([float(stop_requested)], device=env.device)])
@@ -88,6 +91,23 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss_v, lm_v, aux_v, z_v, gn_v, stop_v > 0, counts_LE)
+
+
+def _ep_clip(wrapped: torch.nn.Module, params: list[torch.nn.Parameter], max_norm: float, env: DistEnv):
+    """Expert parallelism: expert-shard gradients averaged as the rest are (moelab.expert_parallel), then the
+    global norm (replicated parameters once, every ep rank's shards) and clipping by it."""
+    from ..expert_parallel import grad_norm, reduce_expert_grads
+
+    model = getattr(wrapped, "module", wrapped)  # DDP wraps; FSDP2 is the model itself
+    mesh = model.ep_mesh
+    reduce_expert_grads(model, env.world_size, mesh["dp"].get_group())
+    norm = grad_norm(model, mesh["ep"].get_group())
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.dtype).item())
+    return norm
 
 
 def check_finite_params(model: torch.nn.Module, step: int, env: DistEnv) -> None:
