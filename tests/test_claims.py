@@ -280,3 +280,23 @@ def test_claims_cli_refuses_a_directory_that_is_not_a_study(tmp_path, capsys):
     assert main(["claims", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("moelab: error: ") and "not a study directory" in err
+
+
+def test_stability_aligns_a_ranking_taken_the_other_way_round():
+    """Claim (d) names each set's own clearest greedy pair. The plain greedy difference of the second set, taken
+    the other way round, is compared with its sign flipped; a kept-order contrast (relative to its own set's greedy
+    order) is compared as it is."""
+    from moelab.claims import Claim, Contrast
+
+    def claim(pair, greedy, after):
+        cs = [Contrast(f"greedy reasoning accuracy, {pair}", "accuracy", "points", +1, dict(enumerate(greedy))),
+              Contrast(f"after GRPO reasoning accuracy, {pair} (order of greedy: + keeps it)", "accuracy", "points",
+                       +1, dict(enumerate(after)))]
+        return Claim("d", "keeps the ranking", cs, "not resolved", "")
+
+    rows = compare_claims([claim("E8-k2 − E8-k4", [10, 20, 30], [5, 6, 7])],
+                          [claim("E8-k4 − E8-k2", [40, 50, 60], [8, 9, 10])])
+    greedy = next(r for r in rows if r["contrast"] and r["contrast"].startswith("greedy"))
+    after = next(r for r in rows if r["contrast"] and r["contrast"].startswith("after"))
+    assert (greedy["effect_a"], greedy["effect_b"]) == (20, -50) and greedy["overlap"] is False and greedy["aligned"]
+    assert (after["effect_a"], after["effect_b"]) == (6, 9) and "aligned" not in after

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -496,11 +497,26 @@ def study_claims(study: str | Path, **kw: Any) -> list[Claim]:
     return evaluate_claims(build_table(study), **kw)
 
 
+def _contrast_key(label: str) -> str:
+    """A contrast's label without the configuration pair it names ("…, E8-k2 − E8-k4 …"): claim (d) compares each
+    set's own clearest greedy ranking, which may be a different pair in another seed set."""
+    return re.sub(r", \S+ − \S+", "", label)
+
+
+def _reversed_pair(a: str, b: str) -> bool:
+    """Two labels of one plain difference "X − Y" and "Y − X" (not a kept-order contrast, whose sign is relative
+    to its own set's greedy order)."""
+    pa, pb = re.search(r", (\S+) − (\S+)", a), re.search(r", (\S+) − (\S+)", b)
+    return bool(pa and pb and "order of greedy" not in a and pa.groups() == pb.groups()[::-1])
+
+
 def compare_claims(a: list[Claim], b: list[Claim]) -> list[dict[str, Any]]:
     """The seed-set stability check (issue 16 item 5): the same study run with two disjoint seed sets must not
     contradict itself. Per claim and per contrast, the two verdicts and effects; ``conflict`` is True when one set
     reproduces what the other contradicts (a *not resolved* beside either is no conflict: it is a lack of power),
-    ``overlap`` whether the two 95 % intervals overlap (a weaker, descriptive check)."""
+    ``overlap`` whether the two 95 % intervals overlap (a weaker, descriptive check). Contrasts are matched by label
+    without the configuration pair they name; a plain difference taken the other way round in the second set
+    ("E8-k4 − E8-k2" against "E8-k2 − E8-k4") has its sign flipped to the first set's order (``aligned``)."""
     by_key = {c.key: c for c in b}
     rows: list[dict[str, Any]] = []
     for ca in a:
@@ -508,13 +524,24 @@ def compare_claims(a: list[Claim], b: list[Claim]) -> list[dict[str, Any]]:
         if cb is None:
             continue
         pairs = [(None, ca.verdict, cb.verdict, None, None)]
-        xb = {x.label: x for x in cb.contrasts}
-        pairs += [(x.label, x.verdict, xb[x.label].verdict, x, xb[x.label]) for x in ca.contrasts if x.label in xb]
+        xb: dict[str, Contrast] = {}
+        for x in cb.contrasts:
+            xb.setdefault(_contrast_key(x.label), x)
+        seen: set[str] = set()
+        for x in ca.contrasts:
+            key = _contrast_key(x.label)
+            if key in xb and key not in seen:
+                seen.add(key)
+                pairs.append((x.label if x.label == xb[key].label else f"{x.label} | {xb[key].label}", x.verdict,
+                              xb[key].verdict, x, xb[key]))
         for label, va, vb, xa, xb_ in pairs:
             row: dict[str, Any] = {"claim": ca.key, "contrast": label, "verdict_a": va, "verdict_b": vb,
                                    "conflict": {va, vb} == {"reproduced", "contradicted"}}
             if xa is not None:
                 (ma, la, ha), (mb, lb, hb) = xa.interval, xb_.interval
+                if _reversed_pair(xa.label, xb_.label):  # the same difference, the other way round: align signs
+                    mb, lb, hb = -mb, -hb, -lb
+                    row["aligned"] = "second set's sign flipped to the first set's order"
                 row.update(unit=xa.unit, effect_a=ma, low_a=la, high_a=ha, effect_b=mb, low_b=lb, high_b=hb,
                            overlap=bool(max(la, lb) <= min(ha, hb)) if np.isfinite([la, lb, ha, hb]).all() else None)
             rows.append(row)
