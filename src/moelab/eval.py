@@ -27,7 +27,7 @@ from .answers import answer_extractors, exact_match_normalizer
 from .errors import ConfigError, DataError
 from .evalmodel import EvalModel, check_device, load_tokenizer, resolve_device
 from .evalsettings import EvalSettings, check_output_file
-from .fileio import write_json_atomic
+from .artifacts import write_result
 from .generate import StopStrings, generate_batched
 from .hf import require_safetensors
 from .provenance import find_train_tokens, training_losses
@@ -116,13 +116,6 @@ def sc_metrics(answers: Sequence[Sequence[str | None]], golds: Sequence[str], ns
         out["coverage_first"][str(n)] = cov_first / Q
         out["majority"][str(n)] = maj / Q
     return out
-
-
-def write_result(path: str | Path, result: dict[str, Any]) -> None:
-    """Write the result JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
 
 
 # ======================================================================================================================

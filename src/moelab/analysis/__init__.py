@@ -20,20 +20,10 @@ of greedy accuracy with the best under GRPO or self-consistency, counting a move
 item sampling. docs/analysis.md describes the table, the fit and the figures.
 """
 
+from ..artifacts import TaskResult, parse_result, parse_task, read_metrics, read_registry
 from ..errors import MoelabError
 from ..tasks import families, family_of, primary_metric
-from .runs import (
-    COMPLETED,
-    RunRecord,
-    TaskResult,
-    load_grpo_curves,
-    load_run,
-    load_study,
-    parse_result,
-    parse_task,
-    read_metrics,
-    read_registry,
-)
+from .runs import StudyRun, load_grpo_curves, load_run, load_study
 from .shift import (
     Condition,
     best_sparsity_shift,
@@ -83,8 +73,8 @@ from .table import (
 )
 
 __all__ = [
-    "ACCOUNTING_COLUMNS", "ARCH_COLUMNS", "COMPLETED", "CONFIG_COLUMNS", "FAMILIES", "FEATURES", "FORMS", "LN2",
-    "TARGETS", "TRAIN_LOSS_WINDOW", "Choice", "Condition", "MoelabError", "RunRecord", "SurfaceFit", "TaskResult",
+    "ACCOUNTING_COLUMNS", "ARCH_COLUMNS", "CONFIG_COLUMNS", "FAMILIES", "FEATURES", "FORMS", "LN2",
+    "TARGETS", "TRAIN_LOSS_WINDOW", "Choice", "Condition", "MoelabError", "StudyRun", "SurfaceFit", "TaskResult",
     "_logit", "_sigmoid", "add_study_columns", "analyze", "at_budget", "best_sparsity_shift", "budget_grid",
     "budget_groups", "build_table", "candidate_grid", "choose", "clusters", "completed_runs", "families", "family_of",
     "features_of", "fit_all", "fit_surface", "fmt_density", "fmt_flops", "load_grpo_curves", "load_run", "load_study",

@@ -13,7 +13,7 @@ import pandas as pd
 from ..errors import MoelabError
 from ..fileio import write_atomic
 from ..tasks import families, primary_metric
-from .runs import RunRecord, _find, _num, load_study
+from .runs import StudyRun, _find, _num, load_study
 
 
 # The task families and each task's primary metric come from the task registry (moelab.tasks).
@@ -33,7 +33,7 @@ ACCOUNTING_COLUMNS = (
 )
 
 
-def _model_and_plan(rec: RunRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+def _model_and_plan(rec: StudyRun) -> tuple[dict[str, Any], dict[str, Any]]:
     """Model config fields and accounting plan: run.json (or the sweep's train.yaml / plan.json), else the registry.
 
     With a full model config but no plan, the plan is recomputed (moelab.accounting). The registry alone carries
@@ -60,22 +60,22 @@ def _model_and_plan(rec: RunRecord) -> tuple[dict[str, Any], dict[str, Any]]:
                 plan = make_plan(mc, train_tokens=tokens, seq_len=int(seq) if seq else None).to_dict()
         except (MoelabError, ValueError):
             plan = {}
-    reg = rec.registry
     for k in ("d_model", "n_layers", "n_experts", "top_k", "init_std"):
-        if k not in model and reg.get(k) is not None:
-            model[k] = reg[k]
+        if k not in model and rec.reg(k) is not None:
+            model[k] = rec.reg(k)
     if not plan:
-        plan = {k: reg[k] for k in ("name", "total_params", "active_params", "train_tokens", "tpp", "train_flops") if reg.get(k) is not None}
+        keys = ("name", "total_params", "active_params", "train_tokens", "tpp", "train_flops")
+        plan = {k: rec.reg(k) for k in keys if rec.reg(k) is not None}
     return model, plan
 
 
-def run_row(rec: RunRecord) -> dict[str, Any]:
+def run_row(rec: StudyRun) -> dict[str, Any]:
     """One table row: config, accounting, losses, per-task metrics (see module docstring for column names)."""
     row: dict[str, Any] = {"run_id": rec.run_id, "status": rec.status, "completed": rec.completed,
-                           "registry_status": rec.registry.get("status")}
+                           "registry_status": rec.reg("status")}
     model, plan = _model_and_plan(rec)
     cfg = rec.info.get("config") if isinstance(rec.info.get("config"), dict) else rec.info
-    row["name"] = plan.get("name") or model.get("name") or rec.registry.get("name")
+    row["name"] = plan.get("name") or model.get("name") or rec.reg("name")
     for k in CONFIG_COLUMNS:
         v = plan.get(k, model.get(k))
         if k == "seq_len" and v is None:
@@ -87,7 +87,7 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         if k == "lr":
             v = _find(_find(cfg, ("train", "optim", "optimizer", "training"), dicts=True) or cfg, ("lr", "learning_rate", "peak_lr", "max_lr"))
             if v is None:
-                v = rec.registry.get("lr")
+                v = rec.reg("lr")
         if k == "seed" and v is None:
             v = _find(_find(cfg, ("train", "training"), dicts=True) or {}, ("seed",))
         if k in ("init_std", "aux_loss_coef", "z_loss_coef") and v is None:
@@ -117,7 +117,7 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
     if row["tpp"] is None and row["train_tokens"] and row["total_params"]:
         row["tpp"] = row["train_tokens"] / row["total_params"]
     # the IsoFLOP budget C the sweep assigned this run to (None for token / TPP budgets)
-    row["budget_flops"] = _num(rec.info.get("budget_flops")) or _num(rec.registry.get("budget_flops"))
+    row["budget_flops"] = _num(rec.info.get("budget_flops")) or _num(rec.reg("budget_flops"))
 
     # losses (nats/token) from the training log
     train = [m for m in rec.metrics if _num(m.get("lm_loss", m.get("loss"))) is not None]
