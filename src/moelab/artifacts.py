@@ -4,7 +4,8 @@ analysis all go through here, so a layout change happens in one place).
 ``RUN/run.json``        the trainer's record: ``status`` (one of :data:`TRAIN_STATES`), config, budget, accounting plan
 ``RUN/metrics.jsonl``   one JSON object per logged training step (each has ``step``); a torn last line is skipped
 ``RESULT.json``         the evaluator's results: ``{"tasks": {task: {"accuracy", "task_loss", "n_items",
-                        "self_consistency"}}}`` (lm-eval's ``{"results": ...}`` is read too), parsed to :class:`TaskResult`
+                        "self_consistency"}}}`` (lm-eval's ``{"results": ...}`` is read too), parsed to
+                        :class:`TaskResult`
 ``logs/<stage>.status.json``  a sweep stage runner's state (moelab.sweep.runner writes it, the orchestrator folds it)
 ``STUDY/registry.sqlite``     the sweep's registry, read through :func:`read_registry` (moelab.sweep.registry's own
                         typed, read-only reader with its schema and :data:`RUN_STATES`)

@@ -14,10 +14,12 @@ from typing import Callable
 from .errors import MoelabError
 from .tasks import TASKS, answer_tasks, grpo_tasks, task_names
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None], str]] = {}
+AddArgs = Callable[[argparse.ArgumentParser], None]
+RunCommand = Callable[[argparse.Namespace], int | None]
+COMMANDS: dict[str, tuple[AddArgs, RunCommand, str]] = {}
 
 
-def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int | None]) -> None:
+def register(name: str, help: str, add_args: AddArgs, run: RunCommand) -> None:
     """Add a subcommand: ``add_args(parser)`` declares its arguments, ``run(args)`` executes it."""
     COMMANDS[name] = (add_args, run, help)
 
@@ -372,7 +374,8 @@ def _run_analyze(a: argparse.Namespace) -> int:
     return 0
 
 
-register("analyze", "collect every run of a study into one table (STUDY/analysis/runs.parquet, runs.csv)", _analyze_args, _run_analyze)
+register("analyze", "collect every run of a study into one table (STUDY/analysis/runs.parquet, runs.csv)",
+         _analyze_args, _run_analyze)
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
@@ -382,8 +385,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     _analyze_args(p)
-    p.add_argument("--weights", help="objective weights for the per-budget recommendation, e.g. memorization=0.5,reasoning=0.5 "
-                   "(default: families weighted equally)")
+    p.add_argument("--weights", help="objective weights for the per-budget recommendation, e.g. "
+                   "memorization=0.5,reasoning=0.5 (default: families weighted equally)")
     _fit_args(p)
 
 
@@ -396,7 +399,8 @@ def _run_report(a: argparse.Namespace) -> int:
     return 0
 
 
-register("report", "figures, fitted optimal sparsity and an HTML report of a study (STUDY/report/index.html)", _report_args, _run_report)
+register("report", "figures, fitted optimal sparsity and an HTML report of a study (STUDY/report/index.html)",
+         _report_args, _run_report)
 
 
 def _recommend_args(p: argparse.ArgumentParser) -> None:
@@ -425,11 +429,13 @@ def _run_recommend(a: argparse.Namespace) -> int:
     for t, p in rec["predicted"].items():
         ci = "[{:.4f}, {:.4f}]".format(p["lo95"], p["hi95"])
         print(f"{t:<14}{rec['weights'].get(t, 0.0):>8.2f}{p['value']:>12.4f}{ci:>22}  {p['unit']}")
-    print(f"bootstrap agreement on this choice: {rec['stability']:.0%} of refits; {rec['n_candidates']} in-range candidates")
+    print(f"bootstrap agreement on this choice: {rec['stability']:.0%} of refits; "
+          f"{rec['n_candidates']} in-range candidates")
     return 0
 
 
-register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a study's fitted law", _recommend_args, _run_recommend)
+register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a study's fitted law",
+         _recommend_args, _run_recommend)
 
 
 # ---------------------------------------------------------------------------------------------------------------

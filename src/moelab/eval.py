@@ -89,7 +89,9 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     return max(counts, key=lambda a: (counts[a], -first[a]))
 
 
-def sc_metrics(answers: Sequence[Sequence[str | None]], golds: Sequence[str], ns: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
+def sc_metrics(
+    answers: Sequence[Sequence[str | None]], golds: Sequence[str], ns: Sequence[int] | None = None
+) -> dict[str, dict[str, float]]:
     """coverage@n and maj@n, averaged over questions, for normalised answers (None = no answer extracted).
 
     * ``coverage``: unbiased estimator over all N samples (:func:`coverage_unbiased`).

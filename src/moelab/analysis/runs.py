@@ -79,12 +79,16 @@ def _first_file(root: Path, names: Iterable[str], exclude: Iterable[str] = ()) -
 _GRPO_DIRS = ("grpo", "post_training", "posttrain")
 
 
-def _load_grpo(run_dir: Path) -> tuple[dict[str, TaskResult] | None, dict[str, TaskResult] | None, dict[str, Any] | None]:
+Results = dict[str, TaskResult]
+
+
+def _load_grpo(run_dir: Path) -> tuple[Results | None, Results | None, dict[str, Any] | None]:
     """GRPO results under ``RUN/grpo/``: the evaluator's ``RESULT.json`` of the post-trained model (the sweep writes
     ``grpo/after/RESULT.json``; a ``before/`` one is read too), and the trainer's own held-out reward summary
     (``grpo.json``'s ``eval`` block: mean reward / accuracy before and after)."""
     before = after = summary = None
-    for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.lower() in _GRPO_DIRS) if run_dir.is_dir() else []:
+    children = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    for d in (p for p in children if p.is_dir() and p.name.lower() in _GRPO_DIRS):
         for f in sorted(d.rglob("RESULT.json")):
             parts = [x.lower() for x in f.relative_to(d).parts[:-1]]
             if any("before" in x for x in parts):

@@ -87,7 +87,8 @@ def shift_conditions(done: pd.DataFrame) -> list[Condition]:
             ns = [n for n in sc_ns(done, t, kind) if n > 1]
             if ns:
                 n = max(ns)
-                out.append(Condition(f"{kind}@{n}", f"{kind}@{n} ({name.format(n=n)}) vs greedy", t, f"acc.{t}", f"{kind}@{n}.{t}"))
+                label = f"{kind}@{n} ({name.format(n=n)}) vs greedy"
+                out.append(Condition(f"{kind}@{n}", label, t, f"acc.{t}", f"{kind}@{n}.{t}"))
     return out
 
 
@@ -135,8 +136,9 @@ def best_sparsity_shift(done: pd.DataFrame, c: Condition, z: float = 2.0) -> lis
         base_clear = bool(base_gap > z * base_se) if math.isfinite(base_se) else True
         se = float(np.hypot(per.loc[b1, "se_c"], per.loc[b0, "se_c"])) if b1 != b0 else 0.0
         out.append({
-            "group": g, "densities": [float(x) for x in per.index], "base": per["base"].tolist(), "cond": per["cond"].tolist(),
-            "runs": int(per["runs"].sum()), "best_base": b0, "best_cond": b1, "flat": flat, "argmax_moved": b1 != b0 and not flat,
+            "group": g, "densities": [float(x) for x in per.index], "base": per["base"].tolist(),
+            "cond": per["cond"].tolist(), "runs": int(per["runs"].sum()), "best_base": b0, "best_cond": b1,
+            "flat": flat, "argmax_moved": b1 != b0 and not flat,
             "base_clear": base_clear and not flat,
             "margin": margin, "margin_se": se if math.isfinite(se) else None,
             "changed": b1 != b0 and not flat and (not math.isfinite(se) or margin > z * se),

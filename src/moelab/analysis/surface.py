@@ -20,7 +20,7 @@ FORMS = ("linear", "additive", "quadratic")
 
 def features_of(total: Any, active: Any, tokens: Any) -> np.ndarray:
     """(n, 3) raw features: natural logs of total params, active params and training tokens."""
-    return np.column_stack([np.log(np.asarray(total, float)), np.log(np.asarray(active, float)), np.log(np.asarray(tokens, float))])
+    return np.column_stack([np.log(np.asarray(x, float)) for x in (total, active, tokens)])
 
 
 def target_values(df: pd.DataFrame, target: str) -> np.ndarray:
@@ -99,7 +99,8 @@ class SurfaceFit:
         return self._inv(self.boot_coef @ self._X(F).T)
 
     def in_range(self, F: np.ndarray, margin: float = 0.05, tol: float = math.log(1.1)) -> np.ndarray:
-        """Inside the studied box (each log feature, and log TPP) widened by 5 % of its span or 10 %, whichever is more."""
+        """Inside the studied box (each log feature, and log TPP) widened by 5 % of its span or 10 %, whichever is
+        more."""
         F = np.atleast_2d(F)
         m = np.maximum(margin * (self.hi - self.lo), tol)
         ok = np.all((F >= self.lo - m) & (F <= self.hi + m), axis=1)
@@ -132,7 +133,9 @@ class SurfaceFit:
         }
 
 
-def fit_surface(df: pd.DataFrame, target: str, n_boot: int = 300, seed: int = 0, form: str | None = None) -> SurfaceFit | None:
+def fit_surface(
+    df: pd.DataFrame, target: str, n_boot: int = 300, seed: int = 0, form: str | None = None
+) -> SurfaceFit | None:
     """Fit one target over completed runs; None when fewer than 3 runs have it.
 
     The form (linear / additive quadratic / full quadratic in the standardized log features) with the smallest
@@ -230,8 +233,9 @@ def candidate_grid(df: pd.DataFrame) -> pd.DataFrame:
                 if k > e:
                     continue
                 cfg = ModelConfig(
-                    vocab_size=int(a.vocab_size), d_model=int(a.d_model), n_layers=int(a.n_layers), n_heads=int(a.n_heads),
-                    n_kv_heads=int(a.n_kv_heads), head_dim=int(a.head_dim), ffn_hidden=int(a.ffn_hidden), n_experts=e, top_k=k,
+                    vocab_size=int(a.vocab_size), d_model=int(a.d_model), n_layers=int(a.n_layers),
+                    n_heads=int(a.n_heads), n_kv_heads=int(a.n_kv_heads), head_dim=int(a.head_dim),
+                    ffn_hidden=int(a.ffn_hidden), n_experts=e, top_k=k,
                     max_seq_len=max(int(a.seq_len), 1),
                 )
                 tot, act = total_params(cfg), active_params(cfg)
@@ -369,7 +373,9 @@ def optimum_table(df: pd.DataFrame, fits: dict[str, SurfaceFit], budgets: Iterab
     return pd.DataFrame(rows)
 
 
-def recommend(study: str | Path | pd.DataFrame, flops: float, weights: dict[str, float], n_boot: int = 300, seed: int = 0) -> dict[str, Any]:
+def recommend(
+    study: str | Path | pd.DataFrame, flops: float, weights: dict[str, float], n_boot: int = 300, seed: int = 0
+) -> dict[str, Any]:
     """The (d, E, k, tokens) minimising the weighted normalized predicted error at ``flops``, as a JSON-able dict."""
     df = study if isinstance(study, pd.DataFrame) else build_table(study)
     done = completed_runs(df, "" if isinstance(study, pd.DataFrame) else study)
@@ -389,13 +395,14 @@ def recommend(study: str | Path | pd.DataFrame, flops: float, weights: dict[str,
     if ch is None:
         ok = [C for C in budget_grid(df) if choose(fits, grid, C, weights) is not None]
         hint = f"; budgets it can answer include {', '.join(f'{C:.3g}' for C in ok)}" if ok else ""
-        raise MoelabError(f"--flops {flops:.3g}: no studied architecture reaches this budget with its parameter count, tokens "
-                          f"and TPP inside the studied range (studied train FLOPs {fmin:.3g}–{fmax:.3g}{hint})")
+        raise MoelabError(f"--flops {flops:.3g}: no studied architecture reaches this budget with its parameter count, "
+                          f"tokens and TPP inside the studied range (studied train FLOPs {fmin:.3g}–{fmax:.3g}{hint})")
     r = ch.row
     return {
         "flops": float(flops),
         "weights": weights,
-        "config": {k: int(r[k]) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "n_experts", "top_k", "vocab_size", "seq_len")},
+        "config": {k: int(r[k]) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden",
+                                          "n_experts", "top_k", "vocab_size", "seq_len")},
         "name": r["name"],
         "train_tokens": float(r["train_tokens"]),
         "tpp": float(r["tpp"]),
@@ -403,7 +410,8 @@ def recommend(study: str | Path | pd.DataFrame, flops: float, weights: dict[str,
         "active_params": int(r["active_params"]),
         "density": float(r["density"]),
         "sparsity": float(r["sparsity"]),
-        "predicted": {t: {"value": v, "lo95": lo, "hi95": hi, "unit": "error rate" if t != "loss" else "val loss (nats/token)"}
+        "predicted": {t: {"value": v, "lo95": lo, "hi95": hi,
+                          "unit": "error rate" if t != "loss" else "val loss (nats/token)"}
                       for t, (v, lo, hi) in ch.predicted.items()},
         "score": ch.score,
         "stability": ch.stability,

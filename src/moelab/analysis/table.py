@@ -53,7 +53,8 @@ def _model_and_plan(rec: StudyRun) -> tuple[dict[str, Any], dict[str, Any]]:
             tokens = None  # resolved below from the parameter count
         seq = _num(train.get("seq_len"))
         try:
-            mc = ModelConfig.parse({k: v for k, v in model.items() if k in ModelConfig.model_fields}, f"{rec.run_id} model")
+            fields = {k: v for k, v in model.items() if k in ModelConfig.model_fields}
+            mc = ModelConfig.parse(fields, f"{rec.run_id} model")
             if tokens is None and _num(train.get("tpp")) is not None:
                 tokens = float(train["tpp"]) * mc.num_params
             if tokens:
@@ -85,7 +86,8 @@ def run_row(rec: StudyRun) -> dict[str, Any]:
         if k == "n_kv_heads" and v is None:
             v = model.get("n_heads")
         if k == "lr":
-            v = _find(_find(cfg, ("train", "optim", "optimizer", "training"), dicts=True) or cfg, ("lr", "learning_rate", "peak_lr", "max_lr"))
+            optim = _find(cfg, ("train", "optim", "optimizer", "training"), dicts=True) or cfg
+            v = _find(optim, ("lr", "learning_rate", "peak_lr", "max_lr"))
             if v is None:
                 v = rec.reg("lr")
         if k == "seed" and v is None:
@@ -131,7 +133,8 @@ def run_row(rec: StudyRun) -> dict[str, Any]:
             row[k] = float(v)  # per-source validation loss of the last validation pass
     row["steps"] = _num(rec.metrics[-1].get("step")) if rec.metrics else None
     row["tokens_seen"] = _num(rec.metrics[-1].get("tokens")) if rec.metrics else None
-    row["gap_train_val"] = row["val_loss"] - row["train_loss"] if row["val_loss"] is not None and row["train_loss"] is not None else None
+    both = row["val_loss"] is not None and row["train_loss"] is not None
+    row["gap_train_val"] = row["val_loss"] - row["train_loss"] if both else None
 
     for task, tr in sorted(rec.evals.items()):
         for m, v in sorted(tr.metrics.items()):
@@ -150,7 +153,8 @@ def run_row(rec: StudyRun) -> dict[str, Any]:
             row[f"gap_tt.{task}"] = tr.bits_per_token - row["val_loss"] / LN2
         # self-consistency: the filter of the primary metric ("exact_match,strict-match" -> "strict-match") gets
         # the plain columns coverage@n.<task> / maj@n.<task>; every filter also gets <kind>@n.<task>.<filter>
-        main_filter = pm.split(",", 1)[1] if pm and "," in pm and pm.split(",", 1)[1] in tr.sc else next(iter(tr.sc), None)
+        pm_filter = pm.split(",", 1)[1] if pm and "," in pm else None
+        main_filter = pm_filter if pm_filter in tr.sc else next(iter(tr.sc), None)
         for filt, kinds in tr.sc.items():
             for kind, series in kinds.items():
                 for n, v in sorted(series.items()):
@@ -241,7 +245,8 @@ def build_table(study: str | Path) -> pd.DataFrame:
     if not recs:
         raise MoelabError(f"{study}: no runs found (expected registry.sqlite or runs/<run_id>/)")
     df = pd.DataFrame([run_row(r) for r in recs])
-    lead = ["run_id", "name", "status", "registry_status", "completed", *CONFIG_COLUMNS, *ACCOUNTING_COLUMNS, "budget_flops"]
+    lead = ["run_id", "name", "status", "registry_status", "completed", *CONFIG_COLUMNS, *ACCOUNTING_COLUMNS,
+            "budget_flops"]
     rest = [c for c in df.columns if c not in lead]
     df = df[lead + rest]
     df["completed"] = df["completed"].astype(bool)

@@ -8,7 +8,6 @@ retried stage's old failure is not re-applied.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
