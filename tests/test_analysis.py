@@ -34,7 +34,8 @@ TASK_OFFSET = {"synthetic_memory": -0.15, "triviaqa": 0.25, "hellaswag": -0.1, "
 
 def truth_logit(family: str, F: np.ndarray) -> np.ndarray:
     """Ground truth in the features (ln N_total, ln N_active, ln D): memorization falls with total parameters and
-    tokens; reasoning improves with active parameters and is U-shaped in TPP around 20 (PAPER.md findings)."""
+    tokens; reasoning improves with active parameters and is U-shaped in TPP around 20 (docs/paper.md §Questions and
+    findings)."""
     x1, x2, x3 = F[:, 0] - C1, F[:, 1] - C2, F[:, 2] - C3
     if family == "memorization":
         return 1.0 - 0.9 * x1 - 0.25 * x3 + 0.05 * x1**2

@@ -3,12 +3,12 @@
 ``moelab analyze STUDY`` reads every run of a study directory (``registry.sqlite`` + ``runs/<run_id>/``: the trainer's
 ``run.json`` and ``metrics.jsonl``, the evaluator's ``RESULT.json``, optional GRPO before/after results) and writes
 ``STUDY/analysis/runs.parquet`` and ``runs.csv``: one row per run with its configuration, exact accounting
-(PAPER.md "Accounting"), losses, per-task accuracy (every metric variant), error rate, task loss, the two gaps of
-PAPER.md "Evaluation", GRPO before/after and self-consistency coverage@n / maj@n.
+(docs/paper.md §Accounting), losses, per-task accuracy (every metric variant), error rate, task loss, the two gaps of
+docs/paper.md §Evaluation, GRPO before/after and self-consistency coverage@n / maj@n.
 
 ``fit_surface`` fits, per task family, a quadratic response surface in (log N_total, log N_active, log D) to the
 logit of the family error rate (log of the loss for ``loss``); N_active / N_total = 1 − param sparsity, so this is an
-L(N, D, S) law in the spirit of Abnar et al. 2025 (PAPER.md "Related laws") with curvature terms so that an interior
+L(N, D, S) law in the spirit of Abnar et al. 2025 (docs/paper.md §Related laws) with curvature terms so that an interior
 optimum (the U-shape in TPP) can appear. The terms are chosen by leave-one-out error (PRESS) and the confidence
 intervals come from a bootstrap over runs. ``recommend`` enumerates the studied architectures × studied E × studied k
 at a FLOP budget C (tokens = C / FLOPs-per-token), keeps the candidates inside the studied range, and minimises the

@@ -39,7 +39,7 @@ def clusters(values: np.ndarray, tol_dex: float) -> np.ndarray:
 
 
 def budget_groups(done: pd.DataFrame) -> tuple[pd.Series, str]:
-    """The comparison groups within which sparsities compete (PAPER.md "Figures to regenerate", IsoFLOP).
+    """The comparison groups within which sparsities compete (docs/paper.md §Figures, IsoFLOP).
 
     When every run saw the same tokens (the paper's and the demo's design, FLOPs ∝ N_active) a group is an
     active-parameter size; otherwise the sweep's IsoFLOP budget C, else training FLOPs within ~5 %. Returns the
