@@ -13,9 +13,9 @@ new tokens (EOS disabled, so every row generates exactly ``--new-tokens``, excep
   (different RNG use).
 * ``sample P×N, EOS`` (``--sc-eos MEAN``): the same with stop tokens, as GSM8K self-consistency runs (stop
   sequences, up to 1024 new tokens, docs/paper.md §Test-time compute): a set of EOS tokens is picked from one
-  free-running sampled batch so that rows end after about MEAN tokens on average. Both sample from the same distribution, so their rows end at
-  statistically equal lengths but not at the same ones: tokens/s counts each call's own generated tokens (up to
-  and including each row's EOS), and the speed-up is the ratio of tokens/s. moelab drops finished rows;
+  free-running sampled batch so that rows end after about MEAN tokens on average. Both sample from the same
+  distribution, so their rows end at statistically equal lengths but not at the same ones: tokens/s counts each
+  call's own generated tokens (up to and including each row's EOS), and the speed-up is the ratio of tokens/s. moelab drops finished rows;
   transformers keeps stepping them (padded) until its last row ends.
 
 Reported: new tokens per second (tokens generated / time, prefill included), median and best over interleaved
