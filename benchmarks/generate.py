@@ -15,8 +15,8 @@ new tokens (EOS disabled, so every row generates exactly ``--new-tokens``, excep
   sequences, up to 1024 new tokens, docs/paper.md §Test-time compute): a set of EOS tokens is picked from one
   free-running sampled batch so that rows end after about MEAN tokens on average. Both sample from the same
   distribution, so their rows end at statistically equal lengths but not at the same ones: tokens/s counts each
-  call's own generated tokens (up to and including each row's EOS), and the speed-up is the ratio of tokens/s. moelab drops finished rows;
-  transformers keeps stepping them (padded) until its last row ends.
+  call's own generated tokens (up to and including each row's EOS), and the speed-up is the ratio of tokens/s.
+  moelab drops finished rows; transformers keeps stepping them (padded) until its last row ends.
 
 Reported: new tokens per second (tokens generated / time, prefill included), median and best over interleaved
 rounds (benchlib: the candidates alternate, order rotating, so load spikes on a shared machine hit both), and the
