@@ -446,7 +446,8 @@ register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a stud
 def _law_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("table", help="a .csv/.parquet table of runs, or a study directory (its completed runs)")
     p.add_argument("--law", required=True, metavar="NAME",
-                   help="chinchilla, ludziejewski, abnar, ladder, ladder-sparsity or surface (docs/laws.md)")
+                   help="the law form, a key of moelab.laws.LAWS, e.g. chinchilla (an unknown name lists them; "
+                   "docs/laws.md)")
     p.add_argument("--columns", metavar="ROLE=COL,...", help="map roles to columns, e.g. N=params,D=tokens,loss=val "
                    "(roles: N N_active D loss E k S task_loss acc; default: columns named like the roles)")
     p.add_argument("--huber-delta", default="1e-3", metavar="X", help="Huber δ on log residuals (default: %(default)s)")
