@@ -27,9 +27,10 @@ from .fileio import write_json_atomic, write_text_atomic
 from .sweep.registry import RUN_STATES, STAGE_STATES, RunRow, StageRow, read_registry
 
 __all__ = [
-    "RUN_STATES", "STAGE_STATES", "TRAIN_STATES", "RunRow", "StageRow", "TaskResult", "finite_or_none", "metrics_line",
-    "parse_result", "parse_task", "read_json_file", "read_metrics", "read_registry", "read_result", "read_run_json",
-    "read_status", "registry_rows", "write_metrics", "write_result", "write_run_json", "write_status",
+    "RUN_STATES", "STAGE_STATES", "TRAIN_STATES", "RunRow", "StageRow", "TaskResult", "finite_or_none",
+    "metrics_line", "parse_result", "parse_task", "read_json_file", "read_json_object", "read_metrics",
+    "read_registry", "read_result", "read_run_json", "read_status", "registry_rows", "write_metrics", "write_result",
+    "write_run_json", "write_status",
 ]
 
 # The trainer's run.json ``status`` (moelab.train.loop): "stopped" = interrupted before the budget, resumable.
@@ -49,25 +50,31 @@ def read_json_file(path: str | Path) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (run.json, a checkpoint's config.json): a one-line CheckpointError naming
+    the file when it is not UTF-8, not JSON, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_run_json(path: str | Path) -> dict[str, Any]:
-    """``run.json`` (given the file or its run directory) as a dict; a one-line CheckpointError naming the file when
-    it is missing, not UTF-8, not JSON, or not an object."""
+    """``run.json`` (given the file or its run directory) as a dict (:func:`read_json_object`); a one-line
+    CheckpointError when the directory has none."""
     path = Path(path)
     if path.name != "run.json":
         if not (path / "run.json").is_file():
             raise CheckpointError(f"{path}: not a training run (no run.json)")
         path = path / "run.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: unreadable ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def write_run_json(path: str | Path, data: dict[str, Any]) -> None:
