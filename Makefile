@@ -25,6 +25,7 @@ demo: $(VENV)/.installed
 
 # The CI suite: everything not marked slow, on both cores.
 test: $(VENV)/.installed
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed

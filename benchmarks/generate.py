@@ -7,16 +7,16 @@ new tokens (EOS disabled, so every row generates exactly ``--new-tokens``, excep
 * ``greedy B=…``: greedy decoding of B prompts (lm-eval's ``generate_until``); both must produce the same tokens.
 * ``greedy B=…, EOS`` (``--eos-batch``): the same with EOS tokens that end all rows but one early, at random steps
   (as stop sequences do in ``generate_until``); moelab drops finished rows, transformers pads them to the end.
-* ``sample P×N`` (``--sc``): P prompts × N samples at temperature 0.6, top-p 0.95 (self-consistency, PAPER.md
-  "Evaluation"); moelab prefills each prompt once and its N samples decode from that one cache (cascade
+* ``sample P×N`` (``--sc``): P prompts × N samples at temperature 0.6, top-p 0.95 (self-consistency, docs/paper.md
+  §Test-time compute); moelab prefills each prompt once and its N samples decode from that one cache (cascade
   attention), transformers' ``num_return_sequences`` repeats the prompt N times before its prefill. Samples differ
   (different RNG use).
 * ``sample P×N, EOS`` (``--sc-eos MEAN``): the same with stop tokens, as GSM8K self-consistency runs (stop
-  sequences, up to 1024 new tokens, PAPER.md): a set of EOS tokens is picked from one free-running sampled batch so
-  that rows end after about MEAN tokens on average. Both sample from the same distribution, so their rows end at
-  statistically equal lengths but not at the same ones: tokens/s counts each call's own generated tokens (up to
-  and including each row's EOS), and the speed-up is the ratio of tokens/s. moelab drops finished rows;
-  transformers keeps stepping them (padded) until its last row ends.
+  sequences, up to 1024 new tokens, docs/paper.md §Test-time compute): a set of EOS tokens is picked from one
+  free-running sampled batch so that rows end after about MEAN tokens on average. Both sample from the same
+  distribution, so their rows end at statistically equal lengths but not at the same ones: tokens/s counts each
+  call's own generated tokens (up to and including each row's EOS), and the speed-up is the ratio of tokens/s.
+  moelab drops finished rows; transformers keeps stepping them (padded) until its last row ends.
 
 Reported: new tokens per second (tokens generated / time, prefill included), median and best over interleaved
 rounds (benchlib: the candidates alternate, order rotating, so load spikes on a shared machine hit both), and the

@@ -15,7 +15,7 @@ Three checks come first (each prints PASS/FAIL; the script exits non-zero on a f
 Then one training step = zero grads + bf16-autocast forward + backward + grad clip + fused AdamW, with every block
 compiled (as ``moelab train`` does with ``compile: true``), timed with CUDA events after warm-up steps.
 MFU = model FLOP/s ÷ peak, model FLOPs per token = 6·N_active + attention (12·L·H·h·seq, not halved for the causal
-mask; ``moelab.accounting``, PAPER.md "Accounting"). Peak: 989 TFLOP/s, the dense bf16 tensor-core peak of both
+mask; ``moelab.accounting``, docs/paper.md §Accounting). Peak: 989 TFLOP/s, the dense bf16 tensor-core peak of both
 the H100 SXM and the H200 (NVIDIA data sheets); the best FLOP/s of a large bf16 ``torch.mm`` measured in the same
 run is reported beside it. L defaults to 4 (not the paper's 16): at E=64 every layer holds 0.4 B parameters, and
 fp32 weights + AdamW moments of 16 layers (6.5 B parameters, ~100 GiB) do not fit on one GPU; MFU is a per-layer

@@ -14,7 +14,7 @@ computes its load-balancing loss (moelab computes its load-balancing and z-losse
 step's losses and gradients of every candidate are checked against moelab's.
 
 Model FLOPs per token = 6·N_active + the attention term (12·L·H·h·seq, not halved for the causal mask) from
-``moelab.accounting.plan``, PAPER.md "Accounting". N_active counts the input embedding (a lookup, no FLOPs), so a
+``moelab.accounting.plan``, docs/paper.md §Accounting. N_active counts the input embedding (a lookup, no FLOPs), so a
 stricter figure without it is reported too. The matmul peak is the best FLOP/s of a large square ``torch.mm`` on
 the same threads and clock, measured before and after the steps in the same run (the better of the two).
 Prints a table and, last, one JSON line with the ratios the targets are stated in (docs/benchmarks.md).

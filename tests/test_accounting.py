@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 
 def test_paper_example_sizes():
-    """PAPER.md: d=512, E=8, k=2, L=16, V=99,584, F=1024 -> 320M total, 170M active."""
+    """docs/paper.md §Accounting: d=512, E=8, k=2, L=16, V=99,584, F=1024 -> 320M total, 170M active."""
     cfg = paper_config(512, 8, 2)
     assert total_params(cfg) == 16 * (4 * 512**2 + 8 * 3 * 512 * 1024 + 512 * 8 + 2 * 512) + 2 * 99_584 * 512 + 512
     assert human_count(total_params(cfg)) == "320M"

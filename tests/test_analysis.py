@@ -28,12 +28,14 @@ TOKENS_PER_STEP = SEQ * GLOBAL_BATCH
 BUDGETS = (1e14, 4e14, 1.6e15)
 # centring constants of the ground-truth law (ln N_total, ln N_active, ln D)
 C1, C2, C3 = math.log(2e6), math.log(8e5), math.log(5e7)
-TASK_OFFSET = {"synthetic_memory": -0.15, "triviaqa": 0.25, "hellaswag": -0.1, "synthetic_reasoning": -0.1, "gsm8k": 0.2}
+TASK_OFFSET = {"synthetic_memory": -0.15, "triviaqa": 0.25, "hellaswag": -0.1, "synthetic_reasoning": -0.1,
+               "gsm8k": 0.2}
 
 
 def truth_logit(family: str, F: np.ndarray) -> np.ndarray:
     """Ground truth in the features (ln N_total, ln N_active, ln D): memorization falls with total parameters and
-    tokens; reasoning improves with active parameters and is U-shaped in TPP around 20 (PAPER.md findings)."""
+    tokens; reasoning improves with active parameters and is U-shaped in TPP around 20 (docs/paper.md §Questions and
+    findings)."""
     x1, x2, x3 = F[:, 0] - C1, F[:, 1] - C2, F[:, 2] - C3
     if family == "memorization":
         return 1.0 - 0.9 * x1 - 0.25 * x3 + 0.05 * x1**2
@@ -51,7 +53,8 @@ def truth_loss(F: np.ndarray) -> np.ndarray:
 
 
 def model_cfg(d: int, e: int, k: int) -> ModelConfig:
-    return ModelConfig(vocab_size=2048, d_model=d, n_layers=4, n_heads=d // 32, ffn_hidden=2 * d, n_experts=e, top_k=k, max_seq_len=SEQ)
+    return ModelConfig(vocab_size=2048, d_model=d, n_layers=4, n_heads=d // 32, ffn_hidden=2 * d, n_experts=e, top_k=k,
+                       max_seq_len=SEQ)
 
 
 def make_study(
@@ -91,7 +94,8 @@ def make_study(
         run_dir = root / "runs" / run_id
         rdir = run_dir / "train"
         cfg = model_cfg(d, e, k)
-        p = plan(cfg, train_tokens=fixed_tokens or C / plan(cfg, train_tokens=1, seq_len=SEQ).flops_per_token, seq_len=SEQ)
+        per_token = plan(cfg, train_tokens=1, seq_len=SEQ).flops_per_token
+        p = plan(cfg, train_tokens=fixed_tokens or C / per_token, seq_len=SEQ)
         C = None if fixed_tokens else C  # a token budget (the paper's design) has no IsoFLOP budget
         steps = math.ceil(p.train_tokens / TOKENS_PER_STEP - 1e-9)
         tokens = steps * TOKENS_PER_STEP  # the trainer rounds the budget up to whole steps
@@ -101,13 +105,16 @@ def make_study(
         run_cfg = {
             "model": cfg.model_dump(mode="json"),
             "data": {"sources": [{"path": "synthetic"}]},
-            "train": {"seq_len": SEQ, "global_batch": GLOBAL_BATCH, "train_tokens": p.train_tokens, "lr": 1e-3, "seed": 0},
+            "train": {"seq_len": SEQ, "global_batch": GLOBAL_BATCH, "train_tokens": p.train_tokens, "lr": 1e-3,
+                      "seed": 0},
         }
         actual = plan(cfg, train_tokens=tokens, seq_len=SEQ)  # the sweep's plan.json: accounting at whole steps
         run_dir.mkdir(parents=True)
         (run_dir / "train.yaml").write_text(yaml.safe_dump(run_cfg))
-        (run_dir / "plan.json").write_text(json.dumps({"run_id": run_id, "accounting": actual.to_dict(), "steps": steps, "budget_flops": C}))
-        t = {"val_loss": loss if done else None, "tokens": tokens, "plan": p, "F": F[0], "status": status, "tasks": {}, "budget_flops": C}
+        plan_json = {"run_id": run_id, "accounting": actual.to_dict(), "steps": steps, "budget_flops": C}
+        (run_dir / "plan.json").write_text(json.dumps(plan_json))
+        t = {"val_loss": loss if done else None, "tokens": tokens, "plan": p, "F": F[0], "status": status, "tasks": {},
+             "budget_flops": C}
         reg_status = "failed" if done and i == 1 else status  # run 1: training done, a later stage (GRPO) failed
         reg_rows.append((run_id, reg_status, "h", cfg.name, d, 4, e, k, 1e-3, 0.02, actual.total_params,
                          actual.active_params, tokens, actual.tpp, actual.train_flops, C, steps, str(run_dir)))
@@ -118,7 +125,8 @@ def make_study(
         info = {
             "status": status,
             "config": run_cfg,
-            "budget": {"tokens_per_step": TOKENS_PER_STEP, "total_steps": steps, "warmup_steps": 10, "train_tokens": tokens, "tpp": tokens / p.total_params},
+            "budget": {"tokens_per_step": TOKENS_PER_STEP, "total_steps": steps, "warmup_steps": 10,
+                       "train_tokens": tokens, "tpp": tokens / p.total_params},
             "plan": p.to_dict(),  # the trainer's plan is at the requested tokens; "budget" has the tokens trained
             "step": steps if done else steps // 2,
         }
@@ -147,17 +155,22 @@ def make_study(
                     err = 1 / (1 + math.exp(-(base + TASK_OFFSET[task] + rng.normal(0, noise))))
                     acc = 1 - err
                     bpt = loss / math.log(2) + 0.3 + 1.5 * err + float(rng.normal(0, 0.01))
-                    entry = {"task_loss": {"bits_per_token": bpt, "bits_per_byte": bpt / 3.1, "nll_nats_per_item": 9.0, "n_items": 500},
-                             "n_items": 500, "n_items_total": 500, "settings": {"num_fewshot": 4, "generation_kwargs": {"temperature": 0.0}}}
+                    task_loss = {"bits_per_token": bpt, "bits_per_byte": bpt / 3.1, "nll_nats_per_item": 9.0,
+                                 "n_items": 500}
+                    settings = {"num_fewshot": 4, "generation_kwargs": {"temperature": 0.0}}
+                    entry = {"task_loss": task_loss, "n_items": 500, "n_items_total": 500, "settings": settings}
                     if task == "hellaswag":
-                        entry["accuracy"] = {"acc,none": acc - 0.02, "acc_stderr,none": 0.01, "acc_norm,none": acc, "acc_norm_stderr,none": 0.01}
+                        entry["accuracy"] = {"acc,none": acc - 0.02, "acc_stderr,none": 0.01, "acc_norm,none": acc,
+                                             "acc_norm_stderr,none": 0.01}
                     elif task == "triviaqa":
-                        entry["accuracy"] = {"exact_match,remove_whitespace": acc, "exact_match_stderr,remove_whitespace": 0.01}
+                        entry["accuracy"] = {"exact_match,remove_whitespace": acc,
+                                             "exact_match_stderr,remove_whitespace": 0.01}
                     elif task == "synthetic_memory":
                         entry["accuracy"] = {"exact_match,strip": acc, "exact_match_stderr,strip": "N/A"}
                     else:
                         entry["accuracy"] = {"exact_match,strict-match": acc, "exact_match_stderr,strict-match": 0.01,
-                                             "exact_match,flexible-extract": min(1.0, acc + 0.03), "exact_match_stderr,flexible-extract": 0.01}
+                                             "exact_match,flexible-extract": min(1.0, acc + 0.03),
+                                             "exact_match_stderr,flexible-extract": 0.01}
                         if with_sc:
                             ns = [1, 2, 4, 8]
                             cov = {str(n): 1 - (1 - acc) ** n for n in ns}
@@ -165,19 +178,21 @@ def make_study(
                             entry["self_consistency"] = {
                                 "n_samples": 8, "temperature": 0.6, "top_p": 0.95, "estimators": "…",
                                 "strict-match": {"coverage": cov, "coverage_first": cov, "majority": maj},
-                                "flexible-extract": {"coverage": {n: min(1, v + 0.01) for n, v in cov.items()}, "coverage_first": cov,
-                                                     "majority": maj},
+                                "flexible-extract": {"coverage": {n: min(1, v + 0.01) for n, v in cov.items()},
+                                                     "coverage_first": cov, "majority": maj},
                             }
                     entries[task] = entry
                     t["tasks"][task] = {"acc": acc, "bpt": bpt, "entry": entry}
-            result = {"model": {"path": str(rdir / "final"), "name": cfg.name, "accounting": p.to_dict()}, "settings": {"limit": None}, "tasks": entries}
+            model = {"path": str(rdir / "final"), "name": cfg.name, "accounting": p.to_dict()}
+            result = {"model": model, "settings": {"limit": None}, "tasks": entries}
             (run_dir / "eval").mkdir()
             (run_dir / "eval" / "RESULT.json").write_text(json.dumps(result))
             if with_grpo and "synthetic_reasoning" in entries:
                 # the sweep's post_train stage writes grpo/model (with moelab.rl's grpo.json), eval_post grpo/after
                 g = run_dir / "grpo"
                 (g / "model").mkdir(parents=True)
-                (g / "model" / "config.json").write_text(json.dumps({"model_type": "mixtral", "rope_parameters": {"rope_theta": 1e4}}))
+                hf_config = {"model_type": "mixtral", "rope_parameters": {"rope_theta": 1e4}}
+                (g / "model" / "config.json").write_text(json.dumps(hf_config))
                 before = t["tasks"]["synthetic_reasoning"]["acc"]
                 after = before + 0.05 + float(rng.normal(0, 0.005))
                 (g / "model" / "grpo.json").write_text(json.dumps({"task": "synthetic_reasoning", "eval": {
@@ -185,11 +200,13 @@ def make_study(
                     "before": {"mean_reward": before * 0.9, "accuracy": before * 0.9, "stderr": 0.02},
                     "after": {"mean_reward": after * 0.9, "accuracy": after * 0.9, "stderr": 0.02},
                     "delta": (after - before) * 0.9}}))
-                curve = [{"step": s, "reward": before * 0.9 + (after - before) * 0.9 * s / 5, "kl": 1e-3 * s} for s in range(1, 6)]
+                curve = [{"step": s, "reward": before * 0.9 + (after - before) * 0.9 * s / 5, "kl": 1e-3 * s}
+                         for s in range(1, 6)]
                 (g / "model" / "grpo_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
                 t["grpo_curve"] = curve
                 (g / "after").mkdir()
-                res_after = {"tasks": {"synthetic_reasoning": {**entries["synthetic_reasoning"], "accuracy": {"exact_match,strict-match": after}}}}
+                reasoning = {**entries["synthetic_reasoning"], "accuracy": {"exact_match,strict-match": after}}
+                res_after = {"tasks": {"synthetic_reasoning": reasoning}}
                 (g / "after" / "RESULT.json").write_text(json.dumps(res_after))
                 t["grpo_before"], t["grpo_after"] = before, after
         truth[run_id] = t
@@ -199,8 +216,9 @@ def make_study(
         con = sqlite3.connect(root / "registry.sqlite")
         con.executescript(_SCHEMA)
         con.executemany(
-            "INSERT INTO runs (run_id, status, config_hash, name, d_model, n_layers, n_experts, top_k, lr, init_std, total_params, "
-            "active_params, train_tokens, tpp, train_flops, budget_flops, steps, run_dir) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO runs (run_id, status, config_hash, name, d_model, n_layers, n_experts, top_k, lr, init_std, "
+            "total_params, active_params, train_tokens, tpp, train_flops, budget_flops, steps, run_dir) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             reg_rows,
         )
         con.commit()
@@ -235,10 +253,12 @@ def test_table_has_one_row_per_run_with_exact_values(study, table):
     # training status comes from the trainer; the sweep's overall status (a later stage failed) is kept beside it
     r1 = df[df["run_id"].str.endswith("-00000001")].iloc[0]
     assert r1["completed"] and r1["status"] == "completed" and r1["registry_status"] == "failed"
-    for col in ("d_model", "n_layers", "n_experts", "top_k", "lr", "init_std", "total_params", "active_params", "sparsity",
-                "density", "param_sparsity", "train_tokens", "tpp", "train_flops", "train_flops_6n", "train_loss", "val_loss",
-                "acc.gsm8k.exact_match,strict-match", "acc.gsm8k.exact_match,flexible-extract", "err.gsm8k", "bpt.gsm8k",
-                "bpb.gsm8k", "gap_tt.gsm8k", "gap_la.gsm8k", "acc.hellaswag.acc,none", "acc.hellaswag", "coverage@8.gsm8k",
+    for col in ("d_model", "n_layers", "n_experts", "top_k", "lr", "init_std", "total_params", "active_params",
+                "sparsity", "density", "param_sparsity", "train_tokens", "tpp", "train_flops", "train_flops_6n",
+                "train_loss", "val_loss", "acc.gsm8k.exact_match,strict-match",
+                "acc.gsm8k.exact_match,flexible-extract",
+                "err.gsm8k", "bpt.gsm8k", "bpb.gsm8k", "gap_tt.gsm8k", "gap_la.gsm8k", "acc.hellaswag.acc,none",
+                "acc.hellaswag", "coverage@8.gsm8k",
                 "maj@4.synthetic_reasoning", "grpo_before.synthetic_reasoning", "grpo_delta.synthetic_reasoning",
                 "err.memorization", "err.reasoning", "n.triviaqa"):
         assert col in df.columns, col
@@ -270,14 +290,16 @@ def test_table_has_one_row_per_run_with_exact_values(study, table):
         assert r["acc.synthetic_memory"] == t["tasks"]["synthetic_memory"]["acc"]
         sc = g["entry"]["self_consistency"]["strict-match"]
         assert r["coverage@8.gsm8k"] == sc["coverage"]["8"] and r["maj@2.gsm8k"] == sc["majority"]["2"]
-        assert r["coverage@8.gsm8k.flexible-extract"] == g["entry"]["self_consistency"]["flexible-extract"]["coverage"]["8"]
+        flex = g["entry"]["self_consistency"]["flexible-extract"]
+        assert r["coverage@8.gsm8k.flexible-extract"] == flex["coverage"]["8"]
         mem = np.mean([1 - t["tasks"][x]["acc"] for x in ("triviaqa", "hellaswag", "synthetic_memory")])
         assert r["err.memorization"] == pytest.approx(mem)
         assert r["grpo_before.synthetic_reasoning"] == t["grpo_before"] == r["acc.synthetic_reasoning"]
         assert r["grpo_after.synthetic_reasoning"] == t["grpo_after"]
         assert r["grpo_delta.synthetic_reasoning"] == pytest.approx(t["grpo_after"] - t["grpo_before"])
         assert r["grpo_reward_after"] == pytest.approx(0.9 * t["grpo_after"])
-        assert r["grpo_task"] == "synthetic_reasoning" and r["grpo_heldout_prompts"] == 40 and r["grpo_reward_after_se"] == 0.02
+        assert r["grpo_task"] == "synthetic_reasoning" and r["grpo_heldout_prompts"] == 40
+        assert r["grpo_reward_after_se"] == 0.02
     curves = A.load_grpo_curves(root)
     assert set(curves) == {rid for rid, t in truth.items() if "grpo_curve" in t}
     rid = next(iter(curves))
@@ -301,7 +323,8 @@ def test_loss_accuracy_gap_is_residual_of_logistic_fit(table):
 
 
 def test_parse_lm_eval_style_flat_result():
-    obj = {"results": {"hellaswag": {"alias": "hellaswag", "acc,none": 0.3, "acc_stderr,none": 0.01, "acc_norm,none": 0.35},
+    hellaswag = {"alias": "hellaswag", "acc,none": 0.3, "acc_stderr,none": 0.01, "acc_norm,none": 0.35}
+    obj = {"results": {"hellaswag": hellaswag,
                        "gsm8k": {"exact_match,strict-match": 0.1, "coverage@4": 0.3, "maj@4": 0.15}}}
     res = A.parse_result(obj)
     assert res["hellaswag"].metrics == {"acc,none": 0.3, "acc_norm,none": 0.35}
@@ -322,6 +345,13 @@ def _true_scores(df: pd.DataFrame, C: float, score) -> pd.DataFrame:
     return g.sort_values("truth").reset_index(drop=True)
 
 
+KEY = ("d_model", "n_experts", "top_k")
+
+
+def config_of(rec: dict) -> tuple[int, int, int]:
+    return rec["config"]["d_model"], rec["config"]["n_experts"], rec["config"]["top_k"]
+
+
 def _true_argmin(df: pd.DataFrame, C: float, score) -> pd.Series:
     g = _true_scores(df, C, score)
     assert g["truth"][1] - g["truth"][0] > 0.01, "ground truth has no clear optimum at this budget"
@@ -339,7 +369,7 @@ def test_fit_recovers_the_known_optimum(table):
         for C in BUDGETS:
             g = _true_scores(df, C, lambda F: truth_error(fam, F))
             row = opt[(opt["objective"] == fam) & (opt["flops"] == C)].iloc[0]
-            pick = g[(g["d_model"] == row["d_model"]) & (g["n_experts"] == row["n_experts"]) & (g["top_k"] == row["top_k"])].iloc[0]
+            pick = g[(g[list(KEY)] == row[list(KEY)].to_numpy()).all(axis=1)].iloc[0]
             if g["truth"][1] - g["truth"][0] > 0.01:  # a clear optimum must be found exactly
                 assert pick.name == 0, (fam, C)
                 exact += 1
@@ -360,10 +390,11 @@ def test_recommend_picks_the_known_optimum(study, table, capsys):
     root, _ = study
     df, _, _ = table
     C = 4e14
-    assert main(["recommend", str(root), "--flops", str(C), "--weights", "reasoning=1", "--json", "--n-boot", "100"]) == 0
+    argv = ["recommend", str(root), "--flops", str(C), "--weights", "reasoning=1", "--json", "--n-boot", "100"]
+    assert main(argv) == 0
     rec = json.loads(capsys.readouterr().out)
     best = _true_argmin(df, C, lambda F: truth_error("reasoning", F))
-    assert (rec["config"]["d_model"], rec["config"]["n_experts"], rec["config"]["top_k"]) == (best["d_model"], best["n_experts"], best["top_k"])
+    assert config_of(rec) == (best["d_model"], best["n_experts"], best["top_k"])
     assert rec["train_tokens"] == pytest.approx(C / best["flops_per_token"])
     assert rec["warnings"] == []
     p = rec["predicted"]["reasoning"]
@@ -376,7 +407,7 @@ def test_recommend_picks_the_known_optimum(study, table, capsys):
     combined = lambda F: sum(0.5 * (truth_error(f, F) - lo[f]) / (hi[f] - lo[f]) for f in ("memorization", "reasoning"))  # noqa: E731
     rec = A.recommend(df, C, A.parse_weights("memorization=0.5,reasoning=0.5"), n_boot=100)
     best = _true_argmin(df, C, combined)
-    assert (rec["config"]["d_model"], rec["config"]["n_experts"], rec["config"]["top_k"]) == (best["d_model"], best["n_experts"], best["top_k"])
+    assert config_of(rec) == (best["d_model"], best["n_experts"], best["top_k"])
 
     # the table form prints the choice and the per-family intervals
     assert main(["recommend", str(root), "--flops", str(C), "--n-boot", "50"]) == 0
@@ -499,8 +530,9 @@ def _shift_table(base: dict, after: dict, n_items: float, sc: dict | None = None
     rows = []
     for i, (key, acc) in enumerate(sorted(base.items())):
         active, dens = key
-        r = {"run_id": f"r{i}", "completed": True, "train_tokens": 1e6, "active_params": active, "total_params": active / dens,
-             "density": dens, "acc.synthetic_reasoning": acc, "n.synthetic_reasoning": n_items}
+        r = {"run_id": f"r{i}", "completed": True, "train_tokens": 1e6, "active_params": active,
+             "total_params": active / dens, "density": dens, "acc.synthetic_reasoning": acc,
+             "n.synthetic_reasoning": n_items}
         if key in after:
             r["grpo_after.synthetic_reasoning"] = after[key]
         if sc is not None:
@@ -558,7 +590,8 @@ def test_sparsity_shift_with_tied_scores_has_no_best_density():
     after = {**base, (4e5, 0.25): 0.3, (4e5, 1.0): 0.6}
     verdict, lines, _ = A.sparsity_shift_answer(_shift_table(base, after, n_items=24))
     assert verdict == "no" and "unchanged in 1 of 1" in lines[0] and "1 group(s) where the scores tie" in lines[0]
-    # 0.2 vs 0.5 on 24 items: the gap (0.3) exceeds 2 SE (≈ 0.26), so the baseline's best is clear; on 12 items it is not
+    # 0.2 vs 0.5 on 24 items: the gap (0.3) exceeds 2 SE (≈ 0.26), so the baseline's best is clear; on 12 items it
+    # is not
     assert "itself within item-sampling noise" not in lines[0]
     lines = A.sparsity_shift_answer(_shift_table(base, after, n_items=12))[1]
     assert "itself within item-sampling noise" in lines[0]

@@ -121,7 +121,7 @@ def test_tokenizer_load_errors(tmp_path: Path) -> None:
 
 
 def test_padded_vocab_size() -> None:
-    assert D.padded_vocab_size(99_487) == 99_584  # PAPER.md: llm-jp v3 padded to a multiple of 128
+    assert D.padded_vocab_size(99_487) == 99_584  # docs/paper.md §Model: llm-jp v3 padded to a multiple of 128
     assert D.padded_vocab_size(128) == 128 and D.padded_vocab_size(129, 64) == 192
 
 

@@ -70,7 +70,7 @@ def test_task_loss_cli_equals_transformers_reference(ckpt, tmp_path, capsys):
         assert r["bits_per_token"] == pytest.approx(nll / math.log(2) / n_tok, abs=1e-4)
         assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, abs=1e-4)
     assert rows[1]["answer_bytes"] == len(" Paris") and rows[3]["answer_bytes"] == len(" café ☕".encode())
-    # the summary averages per-item values (PAPER.md), it does not pool tokens
+    # the summary averages per-item values (docs/paper.md §Evaluation), it does not pool tokens
     assert summary["bits_per_token"] == pytest.approx(sum(nll / math.log(2) / t for nll, t, _ in ref) / 4, abs=1e-4)
     assert summary["bits_per_byte"] == pytest.approx(sum(nll / math.log(2) / b for nll, _, b in ref) / 4, abs=1e-4)
     assert summary["n_items"] == 4 and summary["answer_tokens"] == sum(t for _, t, _ in ref)

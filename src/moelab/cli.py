@@ -15,10 +15,12 @@ from typing import Any, Callable
 from .errors import ConfigError, MoelabError
 from .tasks import TASKS, answer_tasks, grpo_tasks, task_names
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None], str]] = {}
+AddArgs = Callable[[argparse.ArgumentParser], None]
+RunCommand = Callable[[argparse.Namespace], int | None]
+COMMANDS: dict[str, tuple[AddArgs, RunCommand, str]] = {}
 
 
-def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None], run: Callable[[argparse.Namespace], int | None]) -> None:
+def register(name: str, help: str, add_args: AddArgs, run: RunCommand) -> None:
     """Add a subcommand: ``add_args(parser)`` declares its arguments, ``run(args)`` executes it."""
     COMMANDS[name] = (add_args, run, help)
 
@@ -373,7 +375,8 @@ def _run_analyze(a: argparse.Namespace) -> int:
     return 0
 
 
-register("analyze", "collect every run of a study into one table (STUDY/analysis/runs.parquet, runs.csv)", _analyze_args, _run_analyze)
+register("analyze", "collect every run of a study into one table (STUDY/analysis/runs.parquet, runs.csv)",
+         _analyze_args, _run_analyze)
 
 
 def _fit_args(p: argparse.ArgumentParser) -> None:
@@ -383,8 +386,8 @@ def _fit_args(p: argparse.ArgumentParser) -> None:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     _analyze_args(p)
-    p.add_argument("--weights", help="objective weights for the per-budget recommendation, e.g. memorization=0.5,reasoning=0.5 "
-                   "(default: families weighted equally)")
+    p.add_argument("--weights", help="objective weights for the per-budget recommendation, e.g. "
+                   "memorization=0.5,reasoning=0.5 (default: families weighted equally)")
     _fit_args(p)
 
 
@@ -397,7 +400,8 @@ def _run_report(a: argparse.Namespace) -> int:
     return 0
 
 
-register("report", "figures, fitted optimal sparsity and an HTML report of a study (STUDY/report/index.html)", _report_args, _run_report)
+register("report", "figures, fitted optimal sparsity and an HTML report of a study (STUDY/report/index.html)",
+         _report_args, _run_report)
 
 
 def _recommend_args(p: argparse.ArgumentParser) -> None:
@@ -426,11 +430,13 @@ def _run_recommend(a: argparse.Namespace) -> int:
     for t, p in rec["predicted"].items():
         ci = "[{:.4f}, {:.4f}]".format(p["lo95"], p["hi95"])
         print(f"{t:<14}{rec['weights'].get(t, 0.0):>8.2f}{p['value']:>12.4f}{ci:>22}  {p['unit']}")
-    print(f"bootstrap agreement on this choice: {rec['stability']:.0%} of refits; {rec['n_candidates']} in-range candidates")
+    print(f"bootstrap agreement on this choice: {rec['stability']:.0%} of refits; "
+          f"{rec['n_candidates']} in-range candidates")
     return 0
 
 
-register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a study's fitted law", _recommend_args, _run_recommend)
+register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a study's fitted law",
+         _recommend_args, _run_recommend)
 
 
 def _finite_or_none(x: Any) -> Any:
@@ -488,7 +494,8 @@ register("claims", "test the paper's four claims on a study (and the seed-set st
 def _law_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("table", help="a .csv/.parquet table of runs, or a study directory (its completed runs)")
     p.add_argument("--law", required=True, metavar="NAME",
-                   help="chinchilla, ludziejewski, abnar, ladder, ladder-sparsity or surface (docs/laws.md)")
+                   help="the law form, a key of moelab.laws.LAWS, e.g. chinchilla (an unknown name lists them; "
+                   "docs/laws.md)")
     p.add_argument("--columns", metavar="ROLE=COL,...", help="map roles to columns, e.g. N=params,D=tokens,loss=val "
                    "(roles: N N_active D loss E k S task_loss acc; default: columns named like the roles)")
     p.add_argument("--huber-delta", default="1e-3", metavar="X", help="Huber δ on log residuals (default: %(default)s)")

@@ -148,15 +148,14 @@ def _router_type(v: Any) -> str | None:
     return getattr(v, "type", None)
 
 
+# The ``router:`` field accepts any config class of ROUTER_CONFIGS, chosen by its ``type`` (a tagged union built from
+# the registry, so adding a router's config is one class plus one entry above; docs/extending.md).
 RouterConfig = Annotated[
-    Union[
-        Annotated[SoftmaxTopKRouterConfig, Tag("softmax_topk")],
-        Annotated[SigmoidBiasRouterConfig, Tag("sigmoid_bias")],
-    ],
+    Union[tuple(Annotated[cls, Tag(name)] for name, cls in ROUTER_CONFIGS.items())],
     Discriminator(
         _router_type,
         custom_error_type="router_type",
-        custom_error_message="expected a mapping whose type is one of 'softmax_topk', 'sigmoid_bias'",
+        custom_error_message="expected a mapping whose type is one of " + ", ".join(map(repr, ROUTER_CONFIGS)),
     ),
 ]
 

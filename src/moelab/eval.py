@@ -27,7 +27,7 @@ from .answers import answer_extractors, exact_match_normalizer
 from .errors import ConfigError, DataError
 from .evalmodel import EvalModel, check_device, load_tokenizer, resolve_device
 from .evalsettings import EvalSettings, check_output_file
-from .fileio import write_json_atomic
+from .artifacts import write_result
 from .generate import StopStrings, generate_batched
 from .hf import require_safetensors
 from .provenance import find_train_tokens, training_losses
@@ -89,7 +89,9 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     return max(counts, key=lambda a: (counts[a], -first[a]))
 
 
-def sc_metrics(answers: Sequence[Sequence[str | None]], golds: Sequence[str], ns: Sequence[int] | None = None) -> dict[str, dict[str, float]]:
+def sc_metrics(
+    answers: Sequence[Sequence[str | None]], golds: Sequence[str], ns: Sequence[int] | None = None
+) -> dict[str, dict[str, float]]:
     """coverage@n and maj@n, averaged over questions, for normalised answers (None = no answer extracted).
 
     * ``coverage``: unbiased estimator over all N samples (:func:`coverage_unbiased`).
@@ -116,13 +118,6 @@ def sc_metrics(answers: Sequence[Sequence[str | None]], golds: Sequence[str], ns
         out["coverage_first"][str(n)] = cov_first / Q
         out["majority"][str(n)] = maj / Q
     return out
-
-
-def write_result(path: str | Path, result: dict[str, Any]) -> None:
-    """Write the result JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, result)
 
 
 # ======================================================================================================================

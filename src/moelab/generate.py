@@ -1,6 +1,7 @@
 """Batched generation with a KV cache, and batched continuation scoring, for :class:`~moelab.model.MoETransformer`.
 
-Generation (what lm-eval's ``generate_until`` and self-consistency sampling need, PAPER.md "Evaluation"):
+Generation (what lm-eval's ``generate_until`` and self-consistency sampling need, docs/paper.md §Evaluation and
+§Test-time compute):
 
     prompts ──left-pad──▶ one prefill forward (attention_mask_BS, position_ids = running count of real tokens)
             ──▶ rows × num_samples share their prompt's cache (computed and stored once, read once per step

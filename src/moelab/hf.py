@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .artifacts import read_json_object
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .fileio import write_atomic, write_json_atomic
@@ -50,21 +51,7 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    return _read_json_object(cfg_file)
-
-
-def _read_json_object(f: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(f.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{f}: cannot read ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{f}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(cfg_file)
 
 
 def mixtral_compatible(cfg: ModelConfig) -> bool:
@@ -340,7 +327,7 @@ class TensorSource:
             files: dict[str | None, Path] = {None: single}
             self.where: dict[str, str] = {}
         elif index.is_file():
-            weight_map = _read_json_object(index).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: invalid index (weight_map must map tensor names to shard files)")
             files = {f: path / f for f in set(weight_map.values())}

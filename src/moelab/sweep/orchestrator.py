@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import yaml
 
+from ..artifacts import read_status
 from ..config import DataConfig, RunConfig
 from ..errors import ConfigError, MoelabError
 from .display import Display, trust_note
@@ -376,7 +377,7 @@ class _Sweep:
             for stage, row in orch.reg.stages(rid).items():
                 if row["state"] != "running" or stage not in plan.stages:
                     continue
-                st = read_json(status_path(orch.run_dir(rid), stage)) or {}
+                st = read_status(status_path(orch.run_dir(rid), stage)) or {}
                 if (
                     st.get("token") == row["token"]
                     and st.get("state") == "running"

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MoelabError
-from .paths import STAGES, has_checkpoint, log_path, post_trained_model, read_json, stage_paths, status_path, write_json
+from ..artifacts import read_status, write_status
+from .paths import STAGES, has_checkpoint, log_path, post_trained_model, read_json, stage_paths, status_path
 
 JOB_FORMAT = "moelab-sweep-job/1"
 
@@ -266,7 +267,7 @@ class Runner:
         """Run a run's remaining stages in order, stopping at the first that does not complete. Returns their final
         status records (also written to ``logs/<stage>.status.json``)."""
         for stage in job.stages:
-            st = read_json(status_path(job.run_dir, stage)) or {}
+            st = read_status(status_path(job.run_dir, stage)) or {}
             if (
                 st.get("state") == "running"
                 and st.get("runner_pid") != os.getpid()
@@ -290,7 +291,7 @@ class Runner:
         paths = stage_paths(run_dir)
         spath, lpath = status_path(run_dir, stage), log_path(run_dir, stage)
         spath.parent.mkdir(parents=True, exist_ok=True)
-        done = read_json(spath)
+        done = read_status(spath)
         if (
             isinstance(done, dict)
             and done.get("state") == "completed"
@@ -322,7 +323,7 @@ class Runner:
             info = read_json(paths["train_dir"] / "run.json") or {}
             if info.get("status") == "completed" and (paths["train_dir"] / "final").is_dir():
                 st.update(state="completed", adopted=True, finished_at=time.time(), variant="adopted")
-                write_json(spath, st)
+                write_status(spath, st)
                 return st
             if has_checkpoint(paths["train_dir"]):
                 variant = "resume"
@@ -359,12 +360,12 @@ class Runner:
                 )
             except OSError as e:
                 st.update(state="failed", error=f"cannot start {argv[0]}: {e}", finished_at=time.time())
-                write_json(spath, st)
+                write_status(spath, st)
                 return st
             with self._lock:
                 self._live[proc.pid] = proc
             st["child_pid"] = proc.pid
-            write_json(spath, st)
+            write_status(spath, st)
             try:
                 cpu_s = self._wait(proc, st, spath, job.heartbeat_s)
             finally:
@@ -384,7 +385,7 @@ class Runner:
         else:
             state, error = "failed", problem or error_from_log(lpath, since, rc)
         st.update(state=state, error=error, returncode=rc, finished_at=time.time(), heartbeat=time.time(), cpu_s=cpu_s)
-        write_json(spath, st)
+        write_status(spath, st)
         return st
 
     def _wait(self, proc: subprocess.Popen, st: dict[str, Any], spath: Path, heartbeat_s: float) -> float | None:
@@ -407,7 +408,7 @@ class Runner:
                 signalled = True
             if time.time() - last_beat >= heartbeat_s:
                 last_beat = st["heartbeat"] = time.time()
-                write_json(spath, st)
+                write_status(spath, st)
 
 
 def execute_run(job: RunJob) -> list[dict[str, Any]]:

@@ -8,13 +8,13 @@ retried stage's old failure is not re-applied.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..artifacts import read_metrics, read_status
 from .paths import post_trained_model, read_json, stage_paths, status_path
 from .plan import RunPlan
 from .registry import Registry
@@ -26,11 +26,7 @@ def collect_metrics(stage: str, run_dir: Path) -> dict[str, Any]:
     paths = stage_paths(run_dir)
     if stage == "train":
         info = read_json(paths["train_dir"] / "run.json") or {}
-        recs = []
-        with contextlib.suppress(OSError):
-            for line in (paths["train_dir"] / "metrics.jsonl").read_text().splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    recs.append(json.loads(line))
+        recs = read_metrics(paths["train_dir"] / "metrics.jsonl")
         last = recs[-1] if recs else {}
         last_val = next((r for r in reversed(recs) if "val_loss" in r), {})
         return {
@@ -76,7 +72,7 @@ class StudyState:
         """Fold the run's status files into the registry (attempts, state, errors, metrics, events)."""
         p, rows = self.plans[run_id], self.reg.stages(run_id)
         for stage in p.stages:
-            row, st = rows.get(stage), read_json(status_path(self.run_dir(run_id), stage))
+            row, st = rows.get(stage), read_status(status_path(self.run_dir(run_id), stage))
             if row is None or not isinstance(st, dict) or st.get("stage_hash") != row["stage_hash"]:
                 continue
             state = _STATUS_TO_STATE.get(st.get("state"), "failed")

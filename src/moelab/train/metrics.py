@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from ..accounting import human_count
-from ..errors import CheckpointError
-from ..fileio import write_json_atomic, write_text_atomic
+from ..artifacts import metrics_line, read_metrics, write_metrics, write_run_json
+from ..artifacts import read_run_json as read_run_record  # the trainer's name for it
 from .budget import Budget
 from .distributed import DistEnv
 
@@ -18,22 +17,6 @@ TIMING_KEYS = ("tokens_per_s", "tflops")  # metrics that depend on wall-clock ti
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The complete lines of a metrics.jsonl (a torn last line, from a killed process, is skipped)."""
-    out = []
-    p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            out.append(rec)
-    return out
 
 
 class MetricsLog:
@@ -48,8 +31,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None:
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept), fsync=True)
+            write_metrics(self.path, [r for r in read_metrics(self.path) if r["step"] <= resume_step])
         self.file = open(self.path, "a")
         from torch.utils.tensorboard import SummaryWriter  # slow to import: only when a run starts
 
@@ -58,7 +40,7 @@ class MetricsLog:
     def write(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(rec) + "\n")
+        self.file.write(metrics_line(rec))
         self.file.flush()
         step = rec["step"]
         for k, v in rec.items():
@@ -77,25 +59,6 @@ class MetricsLog:
             self.tb.close()
 
 
-def read_run_record(run_dir: Path) -> dict[str, Any]:
-    """``RUN/run.json`` as a dict; a one-line CheckpointError naming the file when it is missing, not UTF-8, not
-    JSON, or not an object."""
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: not a training run (no run.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path}: not UTF-8 text (offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: unreadable ({e.strerror})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 class RunRecord:
     """``RUN/run.json``: status, config, budget, accounting plan, baselines; rewritten atomically by rank 0."""
 
@@ -106,7 +69,7 @@ class RunRecord:
     def update(self, **changes: Any) -> None:
         self.data.update(changes, updated_at=now())
         if self.env.main:
-            write_json_atomic(self.path, self.data)
+            write_run_json(self.path, self.data)
 
 
 def report(bar, rec: dict[str, Any], budget: Budget, progress: bool, env: DistEnv) -> None:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
 
 from ...config import StrictModel
-from ..paths import read_json, status_path
+from ...artifacts import read_status
+from ..paths import status_path
 from ..runner import RunJob, runner_alive
 
 
@@ -78,7 +79,7 @@ class WatchHandle(Handle):
         path = status_path(run_dir, stage)
 
         def done() -> bool:
-            st = read_json(path) or {}
+            st = read_status(path) or {}
             return st.get("state") != "running" or not runner_alive(st, heartbeat_s)
 
         super().__init__(done, lambda: [], "watch")
