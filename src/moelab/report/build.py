@@ -1,0 +1,91 @@
+"""``make_report``: tie the study table, the fits, the figures and the page together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from ..analysis import (
+    build_table,
+    completed_runs,
+    FAMILIES,
+    fit_all,
+    load_grpo_curves,
+    optimum_table,
+    sparsity_shift_answer,
+    tasks_in,
+    write_table,
+)
+from ..fileio import write_atomic, write_json_atomic, write_text_atomic
+from .figures import (
+    fig_error_vs_task_loss,
+    fig_error_vs_total,
+    fig_error_vs_tpp,
+    fig_error_vs_train_loss,
+    fig_gap,
+    fig_grpo,
+    fig_isoflop,
+    fig_loss_vs_total,
+    fig_task_loss_vs_total,
+    fig_test_time_compute,
+)
+from .findings import study_findings
+from .fit_figures import fig_fit_isoflop, fig_fit_parity, fig_optimal_sparsity, fig_sparsity_shift
+from .page import _html
+from .plotting import (
+    Figure,
+)
+
+
+def make_report(study: str | Path, n_boot: int = 300, seed: int = 0, weights: dict[str, float] | None = None) -> Path:
+    """Write ``STUDY/report/`` (index.html, PNGs, optimal.csv, fits.json) and refresh ``STUDY/analysis/``."""
+    study = Path(study)
+    df = build_table(study)
+    done = completed_runs(df, study)
+    write_table(df, study / "analysis")
+    out = study / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    fits = fit_all(df, n_boot=n_boot, seed=seed)
+    fams = [f for f in FAMILIES if f in fits]
+    if weights is None:
+        weights = {f: 1.0 / len(fams) for f in fams} if fams else {}
+    weights = {k: v for k, v in weights.items() if k in fits}
+    opt = optimum_table(df, fits, weights=weights if len(weights) > 1 else None) if fits else pd.DataFrame()
+    budgets = sorted(set(opt["flops"])) if not opt.empty else []
+    tasks = tasks_in(done)
+    shift = sparsity_shift_answer(done)
+    makers: list[Callable[[], Any]] = [
+        lambda: fig_loss_vs_total(done, out),
+        lambda: fig_task_loss_vs_total(done, tasks, out),
+        lambda: fig_error_vs_total(done, tasks, out),
+        lambda: fig_error_vs_train_loss(done, tasks, out),
+        lambda: fig_error_vs_task_loss(done, tasks, out),
+        lambda: fig_isoflop(done, tasks, out),
+        lambda: fig_error_vs_tpp(done, tasks, out),
+        lambda: fig_gap(done, tasks, out),
+        lambda: fig_test_time_compute(done, tasks, out),
+        lambda: fig_grpo(done, load_grpo_curves(study), out),
+        lambda: fig_sparsity_shift(shift[2], out),
+        lambda: fig_optimal_sparsity(opt, out),
+        lambda: fig_fit_isoflop(df, fits, budgets, out),
+        lambda: fig_fit_parity(df, fits, out),
+    ]
+    figures: list[Figure] = []
+    for make in makers:
+        r = make()
+        figures += r if isinstance(r, list) else ([r] if r is not None else [])
+    findings = study_findings(df, fits, opt)
+    opt_csv = opt.copy()
+    write_atomic(out / "optimal.csv", lambda tmp: opt_csv.to_csv(tmp, index=False))
+    fits_json = {t: f.summary() for t, f in fits.items()}
+    write_json_atomic(out / "fits.json", fits_json, indent=1)
+    page = _html(study, df, fits, opt, figures, findings, weights, shift)
+    write_text_atomic(out / "index.html", page)
+    # a figure from an earlier report whose data is gone must not linger beside the new page
+    current = {f.file for f in figures}
+    for old in out.glob("*.png"):
+        if old.name not in current:
+            old.unlink()
+    return out / "index.html"
