@@ -67,7 +67,7 @@ def make_report(study: str | Path, n_boot: int = 300, seed: int = 0, weights: di
         lambda: fig_gap(done, tasks, out),
         lambda: fig_test_time_compute(done, tasks, out),
         lambda: fig_grpo(done, load_grpo_curves(study), out),
-        lambda: fig_sparsity_shift(shift[2], out),
+        lambda: fig_sparsity_shift(shift[2], done, out),
         lambda: fig_optimal_sparsity(opt, out),
         lambda: fig_fit_isoflop(df, fits, budgets, out),
         lambda: fig_fit_parity(df, fits, out),

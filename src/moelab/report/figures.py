@@ -13,7 +13,11 @@ from ..analysis import (
     fmt_density,
     sc_ns,
 )
+from .intervals import caption_note, cell, config_ids, per_config
 from .plotting import (
+    draw_band,
+    draw_bars,
+    density_cells,
     LINESTYLES,
     MARKERS,
     Figure,
@@ -33,19 +37,20 @@ from .plotting import (
 )
 
 
-def _vs_total(done: pd.DataFrame, panels: list[tuple[str, str, str]], out: Path, name: str) -> str:
-    """Panels of (column, y label, title) against total parameters, one line per top-k."""
+def _vs_total(done: pd.DataFrame, panels: list[tuple[str, str, str]], out: Path, name: str) -> tuple[str, str]:
+    """Panels of (column, y label, title) against total parameters, one line per top-k; (file, interval note)."""
     fig, axes = _grid(len(panels))
     h: list = []
+    kinds: set = set()
     for ax, (col, ylabel, title) in zip(axes, panels):
-        h = _by_topk_lines(ax, done, "total_params", col)
+        h = _by_topk_lines(ax, done, "total_params", col, kinds)
         _log_axis(ax, "x", "count")
         ax.set_xlabel("total parameters (log)")
         ax.set_ylabel(ylabel)
         if col.startswith("err."):
             _score_ylim(ax)
         ax.set_title(title)
-    return _finish(fig, out, name, handles=h)
+    return _finish(fig, out, name, handles=h), caption_note(kinds)
 
 
 def fig_loss_vs_total(done: pd.DataFrame, out: Path) -> Figure | None:
@@ -60,11 +65,13 @@ def fig_loss_vs_total(done: pd.DataFrame, out: Path) -> Figure | None:
     ]
     if not panels:
         return None
+    file, note = _vs_total(done, panels, out, "loss_vs_total_params.png")
     return Figure(
-        _vs_total(done, panels, out, "loss_vs_total_params.png"),
+        file,
         "Loss vs total parameters",
         "Final training loss (mean of the last logged steps) and validation loss; one line per top-k "
-        "(marker: width d; line style: compute or token budget when the study has several).",
+        "(marker: width d; line style: compute or token budget when the study has several)."
+        " Lines join the means over seeds." + note,
     )
 
 
@@ -74,10 +81,12 @@ def fig_task_loss_vs_total(done: pd.DataFrame, tasks: list[str], out: Path) -> F
     ]
     if not panels:
         return None
+    file, note = _vs_total(done, panels, out, "task_loss_vs_total_params.png")
     return Figure(
-        _vs_total(done, panels, out, "task_loss_vs_total_params.png"),
+        file,
         "Task loss vs total parameters",
-        "Negative log-likelihood of the gold answer given the few-shot prompt, in bits per answer token.",
+        "Negative log-likelihood of the gold answer given the few-shot prompt, in bits per answer token."
+        " Lines join the means over seeds." + note,
     )
 
 
@@ -85,10 +94,12 @@ def fig_error_vs_total(done: pd.DataFrame, tasks: list[str], out: Path) -> Figur
     if not tasks:
         return None
     panels = [(f"err.{t}", "error rate (1 − accuracy)", _task_title(done, t)) for t in tasks]
+    file, note = _vs_total(done, panels, out, "error_vs_total_params.png")
     return Figure(
-        _vs_total(done, panels, out, "error_vs_total_params.png"),
+        file,
         "Error rate vs total parameters",
-        "Error rate = 1 − accuracy of the task's primary metric (in the title); one line per top-k.",
+        "Error rate = 1 − accuracy of the task's primary metric (in the title); one line per top-k."
+        " Lines join the means over seeds." + note,
     )
 
 
@@ -100,51 +111,67 @@ def fig_gap(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure | None:
     ]
     if not panels:
         return None
+    file, note = _vs_total(done, panels, out, "train_test_gap.png")
     return Figure(
-        _vs_total(done, panels, out, "train_test_gap.png"),
+        file,
         "Train–test gap vs total parameters",
-        "Task loss (bits per answer token) minus validation loss converted to bits/token (÷ ln 2).",
+        "Task loss (bits per answer token) minus validation loss converted to bits/token (÷ ln 2)."
+        " Lines join the means over seeds." + note,
     )
+
+
+def _topk_handles(ks: list, fill: dict | None = None) -> list:
+    from matplotlib.lines import Line2D
+
+    return [
+        Line2D(
+            [],
+            [],
+            color=(fill or {}).get(k, "w"),
+            markeredgecolor="k",
+            marker=MARKERS[i % len(MARKERS)],
+            ls="",
+            label=f"top-k = {int(k)}",
+        )
+        for i, k in enumerate(ks)
+    ]
+
+
+def _config_scatter(ax, d: pd.DataFrame, x: str, y: str, ks: list, kinds: set, color: dict | None = None) -> None:
+    """One marker per configuration at its mean over seeds, 95 % bars in y (and in x over seeds): colour by
+    sparsity (or by top-k when ``color`` is given), marker by top-k."""
+    agg = per_config(d, y, x=x)
+    if agg.empty:
+        return
+    kinds.update(agg["y_kind"])
+    draw_bars(ax, agg[x], agg[y], agg["y_lo"], agg["y_hi"], agg["x_lo"], agg["x_hi"])
+    for i, k in enumerate(ks):
+        ak = agg[agg["top_k"] == k]
+        style = {"color": color[k]} if color else {"c": ak["sparsity"], "cmap": "viridis", "vmin": 0, "vmax": 1}
+        ax.scatter(
+            ak[x], ak[y], marker=MARKERS[i % len(MARKERS)], s=30, edgecolors="k", linewidths=0.4, zorder=3, **style
+        )
 
 
 def fig_error_vs_train_loss(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure | None:
     if not tasks or done["train_loss"].isna().all():
         return None
-    from matplotlib.lines import Line2D
-
     fig, axes = _grid(len(tasks))
     ks = sorted(done["top_k"].dropna().unique())
+    kinds: set = set()
     for ax, t in zip(axes, tasks):
         d = done[done[f"err.{t}"].notna() & done["train_loss"].notna()]
-        for i, k in enumerate(ks):
-            dk = d[d["top_k"] == k]
-            ax.scatter(
-                dk["train_loss"],
-                dk[f"err.{t}"],
-                c=dk["sparsity"],
-                cmap="viridis",
-                vmin=0,
-                vmax=1,
-                marker=MARKERS[i % len(MARKERS)],
-                s=28,
-                edgecolors="k",
-                linewidths=0.4,
-            )
+        _config_scatter(ax, d, "train_loss", f"err.{t}", ks, kinds)
         ax.set_xlabel("final training loss (nats/token)")
         ax.set_ylabel("error rate (1 − accuracy)")
         _score_ylim(ax)
         ax.set_title(_task_title(done, t))
-    h = [
-        Line2D(
-            [], [], color="w", markeredgecolor="k", marker=MARKERS[i % len(MARKERS)], ls="", label=f"top-k = {int(k)}"
-        )
-        for i, k in enumerate(ks)
-    ]
     return Figure(
-        _finish(fig, out, "error_vs_train_loss.png", handles=h, cmap_label="sparsity 1 − k/E"),
+        _finish(fig, out, "error_vs_train_loss.png", handles=_topk_handles(ks), cmap_label="sparsity 1 − k/E"),
         "Error rate vs training loss",
-        "Each point is a run, coloured by sparsity, marker by top-k: at the same training loss, do sparser "
-        "models reason worse?",
+        "Each point is a configuration's mean over seeds, coloured by sparsity, marker by top-k: at the same training "
+        "loss, do sparser models reason worse? Horizontal bars: 95 % t interval of the training loss over seeds."
+        + caption_note(kinds),
     )
 
 
@@ -160,24 +187,12 @@ def fig_error_vs_task_loss(done: pd.DataFrame, tasks: list[str], out: Path) -> F
     fig, axes = _grid(len(tl))
     ks = sorted(done["top_k"].dropna().unique())
     fitted = False
+    kinds: set = set()
     for ax, t in zip(axes, tl):
         d = done[done[f"err.{t}"].notna() & done[f"bpt.{t}"].notna()]
-        for i, k in enumerate(ks):
-            dk = d[d["top_k"] == k]
-            ax.scatter(
-                dk[f"bpt.{t}"],
-                dk[f"err.{t}"],
-                c=dk["sparsity"],
-                cmap="viridis",
-                vmin=0,
-                vmax=1,
-                marker=MARKERS[i % len(MARKERS)],
-                s=28,
-                edgecolors="k",
-                linewidths=0.4,
-            )
+        _config_scatter(ax, d, f"bpt.{t}", f"err.{t}", ks, kinds)
         x = d[f"bpt.{t}"].to_numpy(float)
-        if len(d) >= 4 and np.ptp(x) > 0:  # the same fit as the table's gap_la column
+        if len(d) >= 4 and np.ptp(x) > 0:  # the same fit as the table's gap_la column, over runs
             b, a = np.polyfit(x, _logit(d[f"err.{t}"].to_numpy(float)), 1)
             xs = np.linspace(x.min(), x.max(), 100)
             ax.plot(xs, _sigmoid(a + b * xs), color="gray", ls="--", lw=1.2)
@@ -186,20 +201,16 @@ def fig_error_vs_task_loss(done: pd.DataFrame, tasks: list[str], out: Path) -> F
         ax.set_ylabel("error rate (1 − accuracy)")
         _score_ylim(ax)
         ax.set_title(_task_title(done, t))
-    h = [
-        Line2D(
-            [], [], color="w", markeredgecolor="k", marker=MARKERS[i % len(MARKERS)], ls="", label=f"top-k = {int(k)}"
-        )
-        for i, k in enumerate(ks)
-    ]
+    h = _topk_handles(ks)
     if fitted:
         h.append(Line2D([], [], color="gray", ls="--", label="logistic fit (all runs)"))
     return Figure(
         _finish(fig, out, "error_vs_task_loss.png", handles=h, cmap_label="sparsity 1 − k/E"),
         "Loss–accuracy gap: error rate vs task loss",
-        "Each point is a run (colour: sparsity, marker: top-k). Dashed: logit(error) = a + b · task loss fitted "
-        "across runs; the table's gap_la.<task> column is each run's distance from it (positive: worse accuracy "
-        "than its task loss implies).",
+        "Each point is a configuration's mean over seeds (colour: sparsity, marker: top-k); horizontal bars: 95 % t "
+        "interval of the task loss over seeds. Dashed: logit(error) = a + b · task loss fitted across runs; the "
+        "table's gap_la.<task> column is each run's distance from it (positive: worse accuracy than its task loss "
+        "implies)." + caption_note(kinds),
     )
 
 
@@ -210,7 +221,8 @@ def fig_isoflop(done: pd.DataFrame, tasks: list[str], out: Path) -> list[Figure]
     what = "active-parameter" if col == "active_params" else "training-FLOP"
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
-    h = _isoflop_curves(ax, done, loss_col)
+    kinds: set = set()
+    h = _isoflop_curves(ax, done, loss_col, kinds)
     if h:
         ax.set_ylabel(("validation" if loss_col == "val_loss" else "final training") + " loss (nats/token)")
         ax.set_title("IsoFLOP: loss vs density")
@@ -218,16 +230,17 @@ def fig_isoflop(done: pd.DataFrame, tasks: list[str], out: Path) -> list[Figure]
             Figure(
                 _finish(fig, out, "isoflop_loss.png", handles=h, legend_title=f"{what} budget"),
                 "IsoFLOP: loss vs density",
-                f"One curve per {what} budget (runs within ~5 % grouped); density k/E = 1 − sparsity.",
+                f"One curve per {what} budget (runs within ~5 % grouped) through the mean at each density; "
+                "density k/E = 1 − sparsity. Bands over the runs at a density (its seeds)." + caption_note(kinds),
             )
         )
     else:
         plt.close(fig)
     if tasks:
         fig, axes = _grid(len(tasks))
-        h = []
+        h, kinds = [], set()
         for ax, t in zip(axes, tasks):
-            h = _isoflop_curves(ax, done, f"err.{t}") or h
+            h = _isoflop_curves(ax, done, f"err.{t}", kinds) or h
             ax.set_ylabel("error rate (1 − accuracy)")
             _score_ylim(ax)
             ax.set_title(_task_title(done, t))
@@ -236,7 +249,8 @@ def fig_isoflop(done: pd.DataFrame, tasks: list[str], out: Path) -> list[Figure]
                 Figure(
                     _finish(fig, out, "isoflop_error.png", handles=h, legend_title=f"{what} budget"),
                     "IsoFLOP: error rate vs density",
-                    f"One curve per {what} budget: where along the density axis is each task best?",
+                    f"One curve per {what} budget: where along the density axis is each task best? Bands over "
+                    "the runs at a density (its seeds)." + caption_note(kinds),
                 )
             )
         else:
@@ -253,18 +267,9 @@ def fig_error_vs_tpp(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure 
     ks = sorted(done["top_k"].dropna().unique())
     color = _topk_colors(ks)
     lo, hi = done["tpp"].min(), done["tpp"].max()
+    kinds: set = set()
     for ax, t in zip(axes, tasks):
-        for i, k in enumerate(ks):
-            d = done[(done["top_k"] == k) & done[f"err.{t}"].notna()]
-            ax.scatter(
-                d["tpp"],
-                d[f"err.{t}"],
-                color=color[k],
-                s=22,
-                marker=MARKERS[i % len(MARKERS)],
-                edgecolors="k",
-                linewidths=0.3,
-            )
+        _config_scatter(ax, done[done[f"err.{t}"].notna()], "tpp", f"err.{t}", ks, kinds, color=color)
         if lo <= 20 <= hi:
             ax.axvline(20, color="gray", ls=":", lw=1.2)
         _log_axis(ax, "x", "plain")
@@ -272,30 +277,19 @@ def fig_error_vs_tpp(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure 
         ax.set_ylabel("error rate (1 − accuracy)")
         _score_ylim(ax)
         ax.set_title(_task_title(done, t))
-    h = [
-        Line2D(
-            [],
-            [],
-            color=color[k],
-            marker=MARKERS[i % len(MARKERS)],
-            ls="",
-            markeredgecolor="k",
-            label=f"top-k = {int(k)}",
-        )
-        for i, k in enumerate(ks)
-    ]
+    h = _topk_handles(ks, color)
     if lo <= 20 <= hi:
         h.append(Line2D([], [], color="gray", ls=":", label="TPP = 20 (paper)"))
     return Figure(
         _finish(fig, out, "error_vs_tpp.png", handles=h),
         "Error rate vs tokens per parameter",
-        "TPP = training tokens / total parameters (log x). docs/paper.md §Questions and findings: reasoning is "
-        "U-shaped near TPP ≈ 20.",
+        "TPP = training tokens / total parameters (log x); each point is a configuration's mean over seeds. "
+        "docs/paper.md §Questions and findings: reasoning is U-shaped near TPP ≈ 20." + caption_note(kinds),
     )
 
 
 def fig_test_time_compute(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure | None:
-    """coverage@n and maj@n vs n (log₂), mean over the runs of each density within each budget group."""
+    """coverage@n and maj@n vs n (log₂), mean over the runs of each density within each budget group, 95 % bands."""
     from matplotlib.lines import Line2D
 
     tl = [t for t in tasks if sc_ns(done, t, "coverage") or sc_ns(done, t, "maj")]
@@ -307,23 +301,26 @@ def fig_test_time_compute(done: pd.DataFrame, tasks: list[str], out: Path) -> Fi
     color = _density_colors(done["density"])
     fig, axes = _grid(2 * len(tl), w=3.7, h=3.1, max_cols=4)
     used: set = set()
+    kinds: set = set()
     for j, t in enumerate(tl):
         for ax, kind, label in (
             (axes[2 * j], "coverage", "coverage@n (any of n samples right)"),
             (axes[2 * j + 1], "maj", "maj@n (majority vote of n samples)"),
         ):
             ns = sc_ns(done, t, kind)
-            cols = [f"{kind}@{n}.{t}" for n in ns]
             for gi, g in enumerate(order):
                 d = done[(groups == g)]
                 for dens, grp in d.groupby("density"):
-                    m = grp[cols].mean(axis=0)
-                    ok = m.notna().to_numpy()
-                    if ok.sum() == 0:
+                    cells = [density_cells(grp, f"{kind}@{n}.{t}") for n in ns]
+                    pts = [(n, c.iloc[0]) for n, c in zip(ns, cells) if len(c)]
+                    if not pts:
                         continue
+                    x = np.array([n for n, _ in pts], float)
+                    kinds.update(c["kind"] for _, c in pts)
+                    draw_band(ax, x, [c["lo"] for _, c in pts], [c["hi"] for _, c in pts], color[float(dens)], 0.12)
                     ax.plot(
-                        np.array(ns)[ok],
-                        m.to_numpy()[ok],
+                        x,
+                        [c["m"] for _, c in pts],
                         marker="o",
                         ms=3.5,
                         lw=1.4,
@@ -342,20 +339,57 @@ def fig_test_time_compute(done: pd.DataFrame, tasks: list[str], out: Path) -> Fi
     h = [Line2D([], [], color=color[d], lw=2, marker="o", ms=4, label=f"k/E = {fmt_density(d)}") for d in sorted(used)]
     if len(order) > 1:
         h += [Line2D([], [], color="k", ls=LINESTYLES[i % len(LINESTYLES)], label=g) for i, g in enumerate(order)]
+    title = "density k/E" + (" / budget" if len(order) > 1 else "")
     return Figure(
-        _finish(
-            fig,
-            out,
-            "test_time_compute.png",
-            handles=h,
-            legend_title="density k/E" + (" / budget" if len(order) > 1 else ""),
-        ),
+        _finish(fig, out, "test_time_compute.png", handles=h, legend_title=title),
         "Test-time compute (self-consistency)",
         "coverage@n (unbiased estimator: any of n samples right) and majority-vote accuracy maj@n, "
         "averaged over the runs of each density k/E (colour) within each budget group (line style; the 4 "
         "largest when there are more). "
-        "docs/paper.md §Test-time compute: temperature 0.6, top-p 0.95, n = 1, 2, 4, ….",
+        "docs/paper.md §Test-time compute: temperature 0.6, top-p 0.95, n = 1, 2, 4, …." + caption_note(kinds),
     )
+
+
+def _unit_interval(values: pd.DataFrame) -> bool:
+    """Every value in [0, 1] (an accuracy-like reward): its intervals are clipped there too."""
+    v = values.to_numpy(float)
+    v = v[np.isfinite(v)]
+    return bool(len(v)) and bool(((v >= 0) & (v <= 1)).all())
+
+
+def _grpo_curves(ax, done: pd.DataFrame, curves: dict[str, pd.DataFrame], kinds: set) -> None:
+    """Training reward per step: the mean over each configuration's seeds with a 95 % t band (a single seed's
+    curve has none: the per-step reward is one batch's mean)."""
+    from matplotlib.ticker import MaxNLocator
+
+    dcol = _density_colors(done["density"])
+    runs = done.set_index("run_id")
+    cid = config_ids(done).set_axis(done["run_id"])
+    n_cfg = len({cid[r] for r in curves})
+    for key in sorted({cid[r] for r in curves}):
+        rids = [r for r in sorted(curves) if cid[r] == key]
+        steps = pd.concat([curves[r].set_index("step")["reward"].rename(r) for r in rids], axis=1).sort_index()
+        stats = [cell(row.to_numpy(), bounded=_unit_interval(steps)) for _, row in steps.iterrows()]
+        m, lo, hi = (np.array([st[i] for st in stats]) for i in range(3))
+        kinds.add("t" if len(rids) >= 2 else "none")
+        c = dcol[float(runs.loc[rids[0], "density"])]
+        draw_band(ax, steps.index, lo, hi, c)
+        ax.plot(
+            steps.index,
+            m,
+            lw=1.2,
+            marker="o",
+            ms=2.5,
+            color=c,
+            label=f"{runs.loc[rids[0], 'name']} ({len(rids)} seed{'s' if len(rids) > 1 else ''})",
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _score_ylim(ax)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean training reward")
+    ax.set_title("GRPO training reward (colour: k/E)")
+    if n_cfg <= 6:
+        ax.legend(fontsize=7, loc="best", title="configuration", title_fontsize=7)
 
 
 def fig_grpo(done: pd.DataFrame, curves: dict[str, pd.DataFrame], out: Path) -> Figure | None:
@@ -375,30 +409,10 @@ def fig_grpo(done: pd.DataFrame, curves: dict[str, pd.DataFrame], out: Path) -> 
     gcolor = {g: cmap(0.8 * i / max(1, len(order) - 1)) for i, g in enumerate(order)}
     fig, axes = _grid(len(panels), w=3.8, h=3.3)
     used_groups: set = set()
+    kinds: set = set()
     for ax, (kind, t) in zip(axes, panels):
         if kind == "curve":
-            dcol = _density_colors(done["density"])
-            dens = done.set_index("run_id")["density"]
-            for rid, c in sorted(curves.items()):
-                c = c.sort_values("step")
-                ax.plot(
-                    c["step"],
-                    c["reward"],
-                    lw=1.2,
-                    marker="o",
-                    ms=2.5,
-                    color=dcol[float(dens[rid])],
-                    label=f"{done.set_index('run_id').loc[rid, 'name']}",
-                )
-            from matplotlib.ticker import MaxNLocator
-
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            _score_ylim(ax)
-            ax.set_xlabel("GRPO step")
-            ax.set_ylabel("mean training reward")
-            ax.set_title("GRPO training reward (colour: k/E)")
-            if len(curves) <= 6:
-                ax.legend(fontsize=7, loc="best", title="run (colour: k/E)", title_fontsize=7)
+            _grpo_curves(ax, done, curves, kinds)
             continue
         b, a = (f"acc.{t}", f"grpo_after.{t}") if kind == "acc" else ("grpo_reward_before", "grpo_reward_after")
         d = done[done[b].notna() & done[a].notna()]
@@ -407,9 +421,12 @@ def fig_grpo(done: pd.DataFrame, curves: dict[str, pd.DataFrame], out: Path) -> 
             if dg.empty:
                 continue
             used_groups.add(g)
-            m = dg.groupby("density")[[b, a]].mean().sort_index()
-            ax.plot(m.index, m[b], color=gcolor[g], ls="--", marker="o", mfc="white", ms=5, lw=1.2)
-            ax.plot(m.index, m[a], color=gcolor[g], ls="-", marker="o", ms=5, lw=1.6)
+            for col, ls, mfc, lw in ((b, "--", "white", 1.2), (a, "-", None, 1.6)):
+                se = f"{col}_se" if kind == "reward" else None
+                cells = density_cells(dg, col, se=se, bounded=_unit_interval(d[[b, a]]))
+                kinds.update(cells["kind"])
+                draw_bars(ax, cells["density"], cells["m"], cells["lo"], cells["hi"], color=gcolor[g])
+                ax.plot(cells["density"], cells["m"], color=gcolor[g], ls=ls, marker="o", mfc=mfc, ms=5, lw=lw)
         _log_axis(ax, "x", "density")
         _score_ylim(ax)
         ax.set_xlabel("density k/E (log₂)")
@@ -431,5 +448,6 @@ def fig_grpo(done: pd.DataFrame, curves: dict[str, pd.DataFrame], out: Path) -> 
         "GRPO post-training: before vs after",
         "Left: the task's primary accuracy of the pre-trained model (dashed, open) and of the GRPO model "
         "(solid), averaged per density within each budget group; the held-out reward panel is moelab grpo's "
-        "own check (sampled completions, before and after); the last panel is the training reward per step.",
+        "own check (sampled completions, before and after); the last panel is the training reward per step, the "
+        "mean over each configuration's seeds with a 95 % t band." + caption_note(kinds),
     )

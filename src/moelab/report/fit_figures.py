@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..analysis import (
+    budget_groups,
     at_budget,
     candidate_grid,
     completed_runs,
@@ -18,7 +19,11 @@ from ..analysis import (
     SurfaceFit,
     target_values,
 )
+from .intervals import caption_note
 from .plotting import (
+    density_cells,
+    draw_band,
+    draw_bars,
     OBJECTIVE_COLOR,
     TARGET_LABEL,
     Figure,
@@ -30,8 +35,9 @@ from .plotting import (
 )
 
 
-def fig_sparsity_shift(details: list, out: Path) -> Figure | None:
-    """Per condition: baseline score and score under GRPO / sampling vs density, best density starred."""
+def fig_sparsity_shift(details: list, done: pd.DataFrame, out: Path) -> Figure | None:
+    """Per condition: baseline score and score under GRPO / sampling vs density with 95 % bars (over the runs at a
+    density, intervals.cell), best density starred."""
     import textwrap
 
     from matplotlib.lines import Line2D
@@ -44,10 +50,17 @@ def fig_sparsity_shift(details: list, out: Path) -> Figure | None:
     cmap = plt.get_cmap("plasma")
     gcolor = {g: cmap(0.8 * i / max(1, len(order) - 1)) for i, g in enumerate(order)}
     fig, axes = _grid(len(details), w=3.8, h=3.4)
+    groups, _ = budget_groups(done)
+    kinds: set = set()
     for ax, (c, rows) in zip(axes, details):
         for r in rows:
             col = gcolor[r["group"]]
             x = r["densities"]
+            d = done[(groups == r["group"]) & done[c.base].notna() & done[c.cond].notna()]
+            for y, se in ((c.base, c.base_se), (c.cond, c.cond_se)):
+                cells = density_cells(d, y, se=se)
+                kinds.update(cells["kind"])
+                draw_bars(ax, cells["density"], cells["m"], cells["lo"], cells["hi"], color=col)
             ax.plot(x, r["base"], color=col, ls="--", marker="o", mfc="white", ms=4.5, lw=1.1)
             ax.plot(x, r["cond"], color=col, ls="-", marker="o", ms=4.5, lw=1.6)
             if r["flat"]:
@@ -70,7 +83,8 @@ def fig_sparsity_shift(details: list, out: Path) -> Figure | None:
         _finish(fig, out, "sparsity_shift.png", handles=h, legend_title="score / budget group"),
         "Does post-training or sampling change which sparsity is best?",
         "Per budget group, the score averaged per density before (dashed) and after GRPO or with "
-        "self-consistency at the largest n (solid); stars mark the best density of each curve.",
+        "self-consistency at the largest n (solid); stars mark the best density of each curve. Bars over the runs "
+        "at a density (its seeds)." + caption_note(kinds),
     )
 
 
@@ -131,7 +145,10 @@ def fig_fit_isoflop(df: pd.DataFrame, fits: dict[str, SurfaceFit], budgets: list
             if ok.sum() == 0:
                 continue
             g = g[ok].assign(pred=f.predict(F[ok]))
-            env = g.groupby("density", as_index=False)["pred"].min().sort_values("density")
+            env = g.loc[g.groupby("density")["pred"].idxmin()].sort_values("density")
+            boot = f.predict_boot(features_of(env["total_params"], env["active_params"], env["train_tokens"]))
+            lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+            draw_band(ax, env["density"], lo, hi, color, 0.15)
             ax.plot(env["density"], env["pred"], color=color, lw=1.5)
             best = g.loc[g["pred"].idxmin()]
             ax.plot([best["density"]], [best["pred"]], marker="*", ms=13, color=color, mec="k", mew=0.6)
@@ -156,8 +173,9 @@ def fig_fit_isoflop(df: pd.DataFrame, fits: dict[str, SurfaceFit], budgets: list
     return Figure(
         _finish(fig, out, "fit_isoflop.png", handles=h),
         "Fitted law at fixed compute",
-        "Lines: lowest predicted value among in-range candidates at each density, per budget; ★: the optimum; "
-        "dots: observed runs within ~12 % of that budget (all widths and top-k).",
+        "Lines: lowest predicted value among in-range candidates at each density, per budget; bands: 2.5–97.5 % of "
+        "that candidate's prediction over the bootstrap refits; ★: the optimum; dots: observed runs within ~12 % of "
+        "that budget (all widths and top-k; single runs, no interval).",
     )
 
 

@@ -16,6 +16,7 @@ from ..analysis import (
     fmt_flops as _flops,
 )
 from ..fileio import write_atomic
+from .intervals import cell, is_rate, items_of, per_config
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -198,8 +199,28 @@ def _topk_colors(ks) -> dict:
     return {k: cmap(0.08 + 0.72 * i / max(1, len(ks) - 1)) for i, k in enumerate(ks)}
 
 
-def _by_topk_lines(ax, done: pd.DataFrame, x: str, y: str) -> list:
-    """One line per (top-k, width, budget): colour = k, marker = d, line style = budget. Returns legend handles."""
+def draw_bars(ax, x, m, lo, hi, xlo=None, xhi=None, color="0.5") -> None:
+    """Error bars (95 % intervals) behind a figure's markers; NaN bounds draw no bar."""
+    m = np.asarray(m, float)
+    yerr = np.clip(np.nan_to_num(np.vstack([m - np.asarray(lo, float), np.asarray(hi, float) - m])), 0, None)
+    xerr = None
+    if xlo is not None:
+        xm = np.asarray(x, float)
+        xerr = np.clip(np.nan_to_num(np.vstack([xm - np.asarray(xlo, float), np.asarray(xhi, float) - xm])), 0, None)
+    ax.errorbar(x, m, yerr=yerr, xerr=xerr, fmt="none", ecolor=color, elinewidth=0.9, capsize=2, zorder=1)
+
+
+def draw_band(ax, x, lo, hi, color, alpha: float = 0.18) -> None:
+    """A shaded 95 % band where both bounds are known."""
+    x, lo, hi = (np.asarray(v, float) for v in (x, lo, hi))
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    if ok.any():
+        ax.fill_between(x[ok], lo[ok], hi[ok], color=color, alpha=alpha, lw=0)
+
+
+def _by_topk_lines(ax, done: pd.DataFrame, x: str, y: str, kinds: set) -> list:
+    """One line per (top-k, width, budget) through the configurations' means, with their 95 % intervals as a band
+    (error bars where a line has one point): colour = k, marker = d, line style = budget. Returns legend handles."""
     from matplotlib.lines import Line2D
 
     ks = sorted(done["top_k"].dropna().unique())
@@ -208,12 +229,18 @@ def _by_topk_lines(ax, done: pd.DataFrame, x: str, y: str) -> list:
     labels = sorted(set(bs), key=_label_value)
     color = _topk_colors(ks)
     for (k, d, b), grp in done.assign(_b=bs).groupby(["top_k", "d_model", "_b"]):
-        grp = grp[grp[y].notna()].sort_values(x)
-        if grp.empty:
+        agg = per_config(grp, y)
+        if agg.empty:
             continue
+        agg = agg.sort_values(x)
+        kinds.update(agg["y_kind"])
+        if len(agg) == 1:
+            draw_bars(ax, agg[x], agg[y], agg["y_lo"], agg["y_hi"], color=color[k])
+        else:
+            draw_band(ax, agg[x], agg["y_lo"], agg["y_hi"], color[k])
         ax.plot(
-            grp[x],
-            grp[y],
+            agg[x],
+            agg[y],
             color=color[k],
             marker=MARKERS[ds.index(d) % len(MARKERS)],
             ms=4.5,
@@ -231,8 +258,20 @@ def _by_topk_lines(ax, done: pd.DataFrame, x: str, y: str) -> list:
     return h
 
 
-def _isoflop_curves(ax, done: pd.DataFrame, y: str) -> list:
-    """Mean of ``y`` vs density, one curve per budget group with ≥ 2 densities; returns legend handles."""
+def density_cells(d: pd.DataFrame, y: str, se: str | None = None, bounded: bool = False) -> pd.DataFrame:
+    """Mean and 95 % interval of ``y`` per density over the given runs (intervals.cell), sorted by density."""
+    items = items_of(d, y)
+    rows = []
+    for dens, g in d[d[y].notna()].groupby("density"):
+        m, lo, hi, kind = cell(
+            g[y], items[g.index], g[se] if se and se in g else None, rate=is_rate(y), bounded=bounded
+        )
+        rows.append({"density": float(dens), "m": m, "lo": lo, "hi": hi, "kind": kind, "runs": len(g)})
+    return pd.DataFrame(rows, columns=["density", "m", "lo", "hi", "kind", "runs"])
+
+
+def _isoflop_curves(ax, done: pd.DataFrame, y: str, kinds: set) -> list:
+    """Mean of ``y`` vs density with a 95 % band, one curve per budget group with ≥ 2 densities; legend handles."""
     from matplotlib.lines import Line2D
 
     plt = _plt()
@@ -244,8 +283,10 @@ def _isoflop_curves(ax, done: pd.DataFrame, y: str) -> list:
     h = []
     for i, g in enumerate(keep):
         c = cmap(0.9 * i / max(1, len(keep) - 1))
-        grp = d2[(d2["_g"] == g) & d2[y].notna()].groupby("density", as_index=False)[y].mean().sort_values("density")
-        ax.plot(grp["density"], grp[y], marker="o", ms=4, color=c)
+        cells = density_cells(d2[d2["_g"] == g], y)
+        kinds.update(cells["kind"])
+        draw_band(ax, cells["density"], cells["lo"], cells["hi"], c)
+        ax.plot(cells["density"], cells["m"], marker="o", ms=4, color=c)
         h.append(Line2D([], [], color=c, marker="o", ms=4, label=g))
     if h:
         _log_axis(ax, "x", "density")
@@ -256,8 +297,16 @@ def _isoflop_curves(ax, done: pd.DataFrame, y: str) -> list:
 def _score_ylim(ax) -> None:
     """Scores live in [0, 1]: a nearly flat panel (e.g. every run at 0 %) gets a ±0.05 window clipped to that range
     instead of matplotlib's symmetric one around the value (which shows impossible negative accuracies)."""
+    from matplotlib.collections import PathCollection
+
     ys = [y for line in ax.get_lines() for y in np.asarray(line.get_ydata(), float) if np.isfinite(y)]
-    ys += [y for c in ax.collections for y in np.asarray(c.get_offsets(), float).reshape(-1, 2)[:, 1] if np.isfinite(y)]
+    ys += [
+        y
+        for c in ax.collections
+        if isinstance(c, PathCollection)
+        for y in np.asarray(c.get_offsets(), float).reshape(-1, 2)[:, 1]
+        if np.isfinite(y)
+    ]
     if ys and max(ys) - min(ys) < 0.02 and min(ys) >= 0:
         ax.set_ylim(max(-0.01, min(ys) - 0.05), min(1.01, max(ys) + 0.05))
 
