@@ -2,11 +2,12 @@
 
     python benchmarks/report_width.py STUDY/report/index.html [--window 1400]
 
-Copies the page beside itself with a script that writes, into a body attribute, each ``div.scroll`` (every
-table's wrapper) as scrollWidth/clientWidth and whether the document itself scrolls sideways; dumps the DOM with
-``chromium --headless=new`` at a 1400 × 1000 window and reads that attribute back. Prints one line per table and,
+Copies the page beside itself with a script that opens every ``<details>`` and writes, into a body attribute,
+each ``div.scroll`` (every table's wrapper) as scrollWidth/clientWidth, the table's width, and whether the
+document itself scrolls sideways; dumps the DOM with ``chromium --headless=new`` at a 1400 × 1000 window and reads
+that attribute back. Prints one line per table and,
 last, one JSON line; exit code 1 when anything scrolls sideways. Without chromium on the PATH it says so and exits
-0 (CI has none; tests/test_report_page.py checks the page's structure instead).
+0 (CI has none; tests/test_analysis.py::_check_page_structure checks the page's structure instead).
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ window.addEventListener('load', () => {
     }
     return '';
   };
-  const rows = [...document.querySelectorAll('div.scroll')].map(
-    (d, i) => [i, d.scrollWidth, d.clientWidth, heading(d).slice(0, 60)]);
+  document.querySelectorAll('details').forEach((d) => { d.open = true; });  // collapsed tables count too
+  const rows = [...document.querySelectorAll('div.scroll')].map((d, i) => {
+    const t = d.querySelector('table');
+    return [i, d.scrollWidth, d.clientWidth, t ? t.offsetWidth : 0, heading(d).slice(0, 60)];
+  });
   const e = document.documentElement;
   document.body.setAttribute('data-widths', JSON.stringify({tables: rows, doc: [e.scrollWidth, e.clientWidth]}));
 });
@@ -40,7 +44,8 @@ window.addEventListener('load', () => {
 
 
 def measure(index: Path, window: int = 1400, chromium: str = "chromium") -> dict:
-    """{'tables': [[i, scrollWidth, clientWidth, heading], ...], 'doc': [scrollWidth, clientWidth]}."""
+    """{'tables': [[i, scrollWidth, clientWidth, table width, heading], ...], 'doc': [scrollWidth, clientWidth]},
+    with every <details> opened first."""
     page = index.read_text(encoding="utf-8")
     probe = index.with_name("measure.html")  # beside index.html, so the relative image links resolve
     probe.write_text(page.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
@@ -69,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     r = measure(a.index, a.window, chromium)
     over = [t for t in r["tables"] if t[1] > t[2]]
-    for i, sw, cw, head in r["tables"]:
-        print(f"table {i:2d}  {sw:5d} / {cw:5d} px  {'SCROLLS' if sw > cw else 'fits   '}  {head}")
+    for i, sw, cw, tw, head in r["tables"]:
+        verdict = "SCROLLS" if sw > cw else "fits   "
+        print(f"box {i:2d}  scroll {sw:5d} / client {cw:5d} px (table {tw:5d})  {verdict}  {head}")
     doc_sw, doc_cw = r["doc"]
     print(f"document {doc_sw} / {doc_cw} px  {'SCROLLS' if doc_sw > doc_cw else 'fits'}")
     print(json.dumps({"window": a.window, "tables": r["tables"], "doc": r["doc"], "n_scrolling": len(over)}))

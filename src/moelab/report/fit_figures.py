@@ -118,7 +118,8 @@ def fig_optimal_sparsity(opt: pd.DataFrame, out: Path) -> Figure | None:
         _finish(fig, out, "optimal_sparsity.png", handles=h, legend_title="objective"),
         "Optimal sparsity per compute budget",
         "For each budget, the studied architecture × E × k (trained on C / FLOPs-per-token tokens) with the "
-        "lowest predicted value of each objective; bars: 2.5–97.5 % of the optimal density over bootstrap refits "
+        "lowest predicted value of each objective; bars: 95 % bootstrap interval (2.5–97.5 % of the optimal "
+        "density over refits) "
         "(no bar: every refit chose the same density). Points are offset slightly in x to stay apart.",
     )
 
@@ -173,7 +174,8 @@ def fig_fit_isoflop(df: pd.DataFrame, fits: dict[str, SurfaceFit], budgets: list
     return Figure(
         _finish(fig, out, "fit_isoflop.png", handles=h),
         "Fitted law at fixed compute",
-        "Lines: lowest predicted value among in-range candidates at each density, per budget; bands: 2.5–97.5 % of "
+        "Lines: lowest predicted value among in-range candidates at each density, per budget; bands: 95 % bootstrap "
+        "interval of "
         "that candidate's prediction over the bootstrap refits; ★: the optimum; dots: observed runs within ~12 % of "
         "that budget (all widths and top-k; single runs, no interval).",
     )
