@@ -138,3 +138,36 @@ def test_density_cells_over_seeds():
     cells = density_cells(df, "acc.synthetic_memory").set_index("density")
     assert list(cells["runs"]) == [1, 3, 3] and list(cells["kind"]) == ["wilson", "t", "t"]
     assert cells.loc[0.5, "m"] == pytest.approx(0.6) and np.isfinite(cells["lo"]).all()
+
+
+def test_study_chance_reads_a_task_set_manifest(tmp_path):
+    """The guessing baselines the claims get: the task-set manifest's exact values, the first ``eval.limit`` memory
+    items' mean 2^-bits under a limit, and None for a study that is not a task-set study."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    import moelab
+    from moelab.report.build import study_chance
+    from moelab.sweep.paths import expand
+    from moelab.sweep.spec import load_spec
+
+    presets = Path(moelab.__file__).parent / "presets"
+    study = tmp_path / "demo"
+    study.mkdir()
+    spec = yaml.safe_load((presets / "sweep_demo.yaml").read_text())
+    (study / "spec.yaml").write_text(yaml.safe_dump(spec))
+    assert study_chance(study) is None  # the data are not generated yet
+    root = load_spec(study / "spec.yaml").synthetic_root()
+    data = Path(expand(root, {"STUDY": str(study.resolve())})) / "synthetic"
+    data.mkdir(parents=True)
+    chance = {"synthetic_memory": 0.026, "synthetic_reasoning": 1 / 7}
+    (data / "manifest.json").write_text(json.dumps({"chance": chance}))
+    assert study_chance(study) == chance
+    spec["eval"]["limit"] = 2  # only the first two items are scored: 2^-1 and 2^-3, not the third's 2^-2
+    (study / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (data / "synthetic_memory.jsonl").write_text("".join(json.dumps({"bits": b}) + "\n" for b in (1, 3, 2)))
+    assert study_chance(study)["synthetic_memory"] == pytest.approx((0.5 + 0.125) / 2)
+    (study / "spec.yaml").write_text((presets / "sweep_demo_v1.yaml").read_text())  # the older generator
+    assert study_chance(study) is None

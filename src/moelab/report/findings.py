@@ -107,43 +107,57 @@ def study_findings(df: pd.DataFrame, fits: dict[str, SurfaceFit], opt: pd.DataFr
         v = _tpp_vertex(done, f"err.{fam}")
         if v is not None:
             out.append(v.format(fam=fam.capitalize()))
-    if not opt.empty:
-        for o in [o for o in ("memorization", "reasoning", "weighted") if o in set(opt["objective"])]:
-            d = opt[opt["objective"] == o].sort_values("flops")
-            parts = [
-                f"C={_flops(r.flops)}: {fmt_density(r.density)} "
-                f"[{fmt_density(r.density_lo)}, {fmt_density(r.density_hi)}]"
-                for r in d.itertuples()
-            ]
-            steps = np.diff(d["density"].to_numpy())
-            trend = (
-                ""
-                if len(steps) == 0
-                else "is the same at every budget"
-                if not steps.any()
-                else "rises with compute"
-                if (steps >= 0).all()
-                else "falls with compute"
-                if (steps <= 0).all()
-                else "moves non-monotonically with compute"
-            )
+    out += _optimum_findings(opt)
+    out += _condition_findings(done)
+    return out
+
+
+def _optimum_findings(opt: pd.DataFrame) -> list[str]:
+    """The fitted optimal density per objective and how it moves with compute."""
+    out: list[str] = []
+    if opt.empty:
+        return out
+    for o in [o for o in ("memorization", "reasoning", "weighted") if o in set(opt["objective"])]:
+        d = opt[opt["objective"] == o].sort_values("flops")
+        parts = [
+            f"C={_flops(r.flops)}: {fmt_density(r.density)} [{fmt_density(r.density_lo)}, {fmt_density(r.density_hi)}]"
+            for r in d.itertuples()
+        ]
+        steps = np.diff(d["density"].to_numpy())
+        trend = (
+            ""
+            if len(steps) == 0
+            else "is the same at every budget"
+            if not steps.any()
+            else "rises with compute"
+            if (steps >= 0).all()
+            else "falls with compute"
+            if (steps <= 0).all()
+            else "moves non-monotonically with compute"
+        )
+        out.append(
+            f"Fitted optimal density k/E for {o}"
+            + (f" {trend}" if trend else "")
+            + " (95 % bootstrap interval): "
+            + "; ".join(parts)
+            + "."
+        )
+    if {"memorization", "reasoning"} <= set(opt["objective"]):
+        m = opt[opt["objective"] == "memorization"].set_index("flops")["density"]
+        r = opt[opt["objective"] == "reasoning"].set_index("flops")["density"]
+        common = m.index.intersection(r.index)
+        if len(common):
+            denser, sparser = int((r[common] > m[common]).sum()), int((r[common] < m[common]).sum())
             out.append(
-                f"Fitted optimal density k/E for {o}"
-                + (f" {trend}" if trend else "")
-                + " (95 % bootstrap interval): "
-                + "; ".join(parts)
-                + "."
+                f"Reasoning prefers a denser model than memorization at {denser} of {len(common)} budgets "
+                f"(sparser at {sparser}, equal at {len(common) - denser - sparser})."
             )
-        if {"memorization", "reasoning"} <= set(opt["objective"]):
-            m = opt[opt["objective"] == "memorization"].set_index("flops")["density"]
-            r = opt[opt["objective"] == "reasoning"].set_index("flops")["density"]
-            common = m.index.intersection(r.index)
-            if len(common):
-                denser, sparser = int((r[common] > m[common]).sum()), int((r[common] < m[common]).sum())
-                out.append(
-                    f"Reasoning prefers a denser model than memorization at {denser} of {len(common)} budgets "
-                    f"(sparser at {sparser}, equal at {len(common) - denser - sparser})."
-                )
+    return out
+
+
+def _condition_findings(done: pd.DataFrame) -> list[str]:
+    """GRPO, self-consistency and hyper-parameter statements (each only when the study has the columns)."""
+    out: list[str] = []
     for t in sorted({c.split(".", 1)[1] for c in done.columns if c.startswith("grpo_delta.")}):
         d = done[done[f"grpo_delta.{t}"].notna()]
         if len(d) < 2:
