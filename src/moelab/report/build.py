@@ -21,24 +21,11 @@ from ..analysis import (
 )
 from ..claims import claims_html, evaluate_claims
 from ..fileio import write_atomic, write_json_atomic, write_text_atomic
-from .figures import (
-    fig_error_vs_task_loss,
-    fig_error_vs_total,
-    fig_error_vs_tpp,
-    fig_error_vs_train_loss,
-    fig_gap,
-    fig_grpo,
-    fig_isoflop,
-    fig_loss_vs_total,
-    fig_task_loss_vs_total,
-    fig_test_time_compute,
-)
+from . import figures as rf
+from . import fit_figures as ff
 from .findings import study_findings
-from .fit_figures import fig_fit_isoflop, fig_fit_parity, fig_optimal_sparsity, fig_sparsity_shift
 from .page import _html
-from .plotting import (
-    Figure,
-)
+from .plotting import Figure
 
 
 def study_chance(study: Path) -> dict[str, float] | None:
@@ -99,20 +86,20 @@ def make_report(
     tasks = tasks_in(done)
     shift = sparsity_shift_answer(done)
     makers: list[Callable[[], Any]] = [
-        lambda: fig_loss_vs_total(done, out),
-        lambda: fig_task_loss_vs_total(done, tasks, out),
-        lambda: fig_error_vs_total(done, tasks, out),
-        lambda: fig_error_vs_train_loss(done, tasks, out),
-        lambda: fig_error_vs_task_loss(done, tasks, out),
-        lambda: fig_isoflop(done, tasks, out),
-        lambda: fig_error_vs_tpp(done, tasks, out),
-        lambda: fig_gap(done, tasks, out),
-        lambda: fig_test_time_compute(done, tasks, out),
-        lambda: fig_grpo(done, load_grpo_curves(study), out),
-        lambda: fig_sparsity_shift(shift[2], done, out),
-        lambda: fig_optimal_sparsity(opt, out),
-        lambda: fig_fit_isoflop(df, fits, budgets, out),
-        lambda: fig_fit_parity(df, fits, out),
+        lambda: rf.fig_loss_vs_total(done, out),
+        lambda: rf.fig_task_loss_vs_total(done, tasks, out),
+        lambda: rf.fig_error_vs_total(done, tasks, out),
+        lambda: rf.fig_error_vs_train_loss(done, tasks, out),
+        lambda: rf.fig_error_vs_task_loss(done, tasks, out),
+        lambda: rf.fig_isoflop(done, tasks, out),
+        lambda: rf.fig_error_vs_tpp(done, tasks, out),
+        lambda: rf.fig_gap(done, tasks, out),
+        lambda: rf.fig_test_time_compute(done, tasks, out),
+        lambda: rf.fig_grpo(done, load_grpo_curves(study), out),
+        lambda: ff.fig_sparsity_shift(shift[2], done, out),
+        lambda: ff.fig_optimal_sparsity(opt, out),
+        lambda: ff.fig_fit_isoflop(df, fits, budgets, out),
+        lambda: ff.fig_fit_parity(df, fits, out),
     ]
     figures: list[Figure] = []
     for make in makers:

@@ -37,20 +37,26 @@ from .plotting import (
 )
 
 
-def _vs_total(done: pd.DataFrame, panels: list[tuple[str, str, str]], out: Path, name: str) -> tuple[str, str]:
-    """Panels of (column, y label, title) against total parameters, one line per top-k; (file, interval note)."""
+def _vs_total(
+    done: pd.DataFrame, panels: list[tuple[str, str, str]], out: Path, name: str, title: str, caption: str
+) -> Figure | None:
+    """Panels of (column, y label, title) against total parameters, one line per top-k through the configurations'
+    means; the caption gets the interval note. None without panels."""
+    if not panels:
+        return None
     fig, axes = _grid(len(panels))
     h: list = []
     kinds: set = set()
-    for ax, (col, ylabel, title) in zip(axes, panels):
+    for ax, (col, ylabel, panel_title) in zip(axes, panels):
         h = _by_topk_lines(ax, done, "total_params", col, kinds)
         _log_axis(ax, "x", "count")
         ax.set_xlabel("total parameters (log)")
         ax.set_ylabel(ylabel)
         if col.startswith("err."):
             _score_ylim(ax)
-        ax.set_title(title)
-    return _finish(fig, out, name, handles=h), caption_note(kinds)
+        ax.set_title(panel_title)
+    file = _finish(fig, out, name, handles=h)
+    return Figure(file, title, caption + " Lines join the means over seeds." + caption_note(kinds))
 
 
 def fig_loss_vs_total(done: pd.DataFrame, out: Path) -> Figure | None:
@@ -63,15 +69,14 @@ def fig_loss_vs_total(done: pd.DataFrame, out: Path) -> Figure | None:
         for c in ("train_loss", "val_loss")
         if _has_data(done, c)
     ]
-    if not panels:
-        return None
-    file, note = _vs_total(done, panels, out, "loss_vs_total_params.png")
-    return Figure(
-        file,
+    return _vs_total(
+        done,
+        panels,
+        out,
+        "loss_vs_total_params.png",
         "Loss vs total parameters",
         "Final training loss (mean of the last logged steps) and validation loss; one line per top-k "
-        "(marker: width d; line style: compute or token budget when the study has several)."
-        " Lines join the means over seeds." + note,
+        "(marker: width d; line style: compute or token budget when the study has several).",
     )
 
 
@@ -79,27 +84,25 @@ def fig_task_loss_vs_total(done: pd.DataFrame, tasks: list[str], out: Path) -> F
     panels = [
         (f"bpt.{t}", "task loss (bits/answer token)", f"{t}: task loss") for t in tasks if _has_data(done, f"bpt.{t}")
     ]
-    if not panels:
-        return None
-    file, note = _vs_total(done, panels, out, "task_loss_vs_total_params.png")
-    return Figure(
-        file,
+    return _vs_total(
+        done,
+        panels,
+        out,
+        "task_loss_vs_total_params.png",
         "Task loss vs total parameters",
-        "Negative log-likelihood of the gold answer given the few-shot prompt, in bits per answer token."
-        " Lines join the means over seeds." + note,
+        "Negative log-likelihood of the gold answer given the few-shot prompt, in bits per answer token.",
     )
 
 
 def fig_error_vs_total(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure | None:
-    if not tasks:
-        return None
     panels = [(f"err.{t}", "error rate (1 − accuracy)", _task_title(done, t)) for t in tasks]
-    file, note = _vs_total(done, panels, out, "error_vs_total_params.png")
-    return Figure(
-        file,
+    return _vs_total(
+        done,
+        panels,
+        out,
+        "error_vs_total_params.png",
         "Error rate vs total parameters",
-        "Error rate = 1 − accuracy of the task's primary metric (in the title); one line per top-k."
-        " Lines join the means over seeds." + note,
+        "Error rate = 1 − accuracy of the task's primary metric (in the title); one line per top-k.",
     )
 
 
@@ -109,14 +112,13 @@ def fig_gap(done: pd.DataFrame, tasks: list[str], out: Path) -> Figure | None:
         for t in tasks
         if _has_data(done, f"gap_tt.{t}")
     ]
-    if not panels:
-        return None
-    file, note = _vs_total(done, panels, out, "train_test_gap.png")
-    return Figure(
-        file,
+    return _vs_total(
+        done,
+        panels,
+        out,
+        "train_test_gap.png",
         "Train–test gap vs total parameters",
-        "Task loss (bits per answer token) minus validation loss converted to bits/token (÷ ln 2)."
-        " Lines join the means over seeds." + note,
+        "Task loss (bits per answer token) minus validation loss converted to bits/token (÷ ln 2).",
     )
 
 

@@ -18,9 +18,7 @@ from ..analysis import (
     SurfaceFit,
     tasks_in,
 )
-from .plotting import (
-    Figure,
-)
+from .plotting import Figure
 
 MAX_COLS = 10  # a visible table has at most this many columns, so it fits a 1400-px window (benchmarks/report_width.py)
 
