@@ -50,6 +50,8 @@ def test_cell_kind_follows_what_is_defined():
     assert lo == 0.0 and hi == 1.0
     _, lo, _, _ = I.cell([0.0, 0.9])
     assert lo < 0
+    _, lo, _, _ = I.cell([0.0, 0.9], nonneg=True)  # a loss stops at 0
+    assert lo == 0.0
 
 
 def _runs() -> pd.DataFrame:
@@ -171,3 +173,20 @@ def test_study_chance_reads_a_task_set_manifest(tmp_path):
     assert study_chance(study)["synthetic_memory"] == pytest.approx((0.5 + 0.125) / 2)
     (study / "spec.yaml").write_text((presets / "sweep_demo_v1.yaml").read_text())  # the older generator
     assert study_chance(study) is None
+
+
+def test_pooled_cell_combines_each_configurations_own_noise():
+    """Two widths at one density, one seed each: the mean of the two ± 1.96·sqrt(se1² + se2²)/2 with Agresti–Coull
+    binomial standard errors, not a t interval over two different models (which would measure their difference)."""
+    from moelab.report.plotting import density_cells
+
+    df = pd.DataFrame({"d_model": [32, 64], "n_experts": 8, "top_k": 2, "density": 0.25, "seed": 0,
+                       "acc.t": [0.2, 0.6], "n.t": [100, 100]})
+    c = density_cells(df, "acc.t").iloc[0]
+    se = [math.sqrt(p * (1 - p) / 104) for p in ((20 + 2) / 104, (60 + 2) / 104)]
+    half = I.Z95 * math.sqrt(se[0] ** 2 + se[1] ** 2) / 2
+    assert c["kind"] == "pooled" and c["m"] == pytest.approx(0.4)
+    assert (c["lo"], c["hi"]) == pytest.approx((0.4 - half, 0.4 + half), rel=1e-12)
+    assert c["hi"] - c["lo"] < 0.2  # far narrower than the t interval over the two runs
+    _, lo_t, hi_t = t_interval([0.2, 0.6])
+    assert hi_t - lo_t > 2

@@ -233,7 +233,7 @@ def fig_isoflop(done: pd.DataFrame, tasks: list[str], out: Path) -> list[Figure]
                 _finish(fig, out, "isoflop_loss.png", handles=h, legend_title=f"{what} budget"),
                 "IsoFLOP: loss vs density",
                 f"One curve per {what} budget (runs within ~5 % grouped) through the mean at each density; "
-                "density k/E = 1 − sparsity. Bands over the runs at a density (its seeds)." + caption_note(kinds),
+                "density k/E = 1 − sparsity. Bands over the runs at a density." + caption_note(kinds),
             )
         )
     else:
@@ -252,7 +252,7 @@ def fig_isoflop(done: pd.DataFrame, tasks: list[str], out: Path) -> list[Figure]
                     _finish(fig, out, "isoflop_error.png", handles=h, legend_title=f"{what} budget"),
                     "IsoFLOP: error rate vs density",
                     f"One curve per {what} budget: where along the density axis is each task best? Bands over "
-                    "the runs at a density (its seeds)." + caption_note(kinds),
+                    "the runs at a density." + caption_note(kinds),
                 )
             )
         else:

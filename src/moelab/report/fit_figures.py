@@ -84,7 +84,7 @@ def fig_sparsity_shift(details: list, done: pd.DataFrame, out: Path) -> Figure |
         "Does post-training or sampling change which sparsity is best?",
         "Per budget group, the score averaged per density before (dashed) and after GRPO or with "
         "self-consistency at the largest n (solid); stars mark the best density of each curve. Bars over the runs "
-        "at a density (its seeds)." + caption_note(kinds),
+        "at a density." + caption_note(kinds),
     )
 
 

@@ -39,12 +39,15 @@ CONFIG_COLS = (
     "train_tokens",
     "budget_flops",
 )
+NONNEG_PREFIXES = ("train_loss", "val_loss", "bpt.", "bpb.")  # losses: an interval stops at 0
 RATE_PREFIXES = ("acc.", "err.", "coverage@", "maj@", "grpo_before.", "grpo_after.")
 KIND_TEXT = {
-    "t": "95 % Student-t interval over seeds (for rates, clipped to [0, 1])",
+    "t": "95 % Student-t interval over seeds (clipped to [0, 1] for rates, at 0 for losses)",
+    "pooled": "where a point pools several configurations (e.g. widths), their mean ± 1.96 combined standard "
+    "errors (each configuration's over its seeds, or binomial over items for a single seed)",
     "wilson": "for a single-seed configuration, the 95 % Wilson interval over the task's evaluated items",
     "se": "for a single run, ± 1.96 recorded standard errors",
-    "none": "no interval where a single seed gives a loss (none is defined)",
+    "none": "no interval where a single run gives a loss or a per-step reward (none is defined)",
 }
 
 
@@ -77,13 +80,53 @@ def wilson(p: float, n: float, z: float = Z95) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def cell(values, items=None, se=None, rate: bool = False, bounded: bool = False) -> tuple[float, float, float, str]:
+def cell(
+    values, items=None, se=None, rate: bool = False, bounded: bool = False, nonneg: bool = False
+) -> tuple[float, float, float, str]:
     """(mean, low, high, kind) over one cell's runs; see the module docstring for the kinds. A rate (or a
-    ``bounded`` score such as a 0/1 reward) has its interval clipped to [0, 1], where the value lives."""
+    ``bounded`` score such as a 0/1 reward) has its interval clipped to [0, 1], where the value lives; a
+    ``nonneg`` one (a loss) at 0."""
     m, lo, hi, kind = _cell(values, items, se, rate)
     if (rate or bounded) and kind != "none":
         lo, hi = max(lo, 0.0), min(hi, 1.0)
+    elif nonneg and kind != "none":
+        lo = max(lo, 0.0)
     return m, lo, hi, kind
+
+
+def pooled(g: pd.DataFrame, y: str, se: str | None = None, bounded: bool = False) -> tuple[float, float, float, str]:
+    """The mean over a cell's configurations (each averaged over its seeds) ± 1.96 standard errors of that mean.
+
+    The configurations are fixed by the design, not sampled, so the mean's uncertainty is each configuration's own
+    noise: the standard error over its seeds, or for one seed of a rate the binomial standard error over the task's
+    items (Agresti–Coull adjusted, so 0 % and 100 % keep a width), or a recorded standard error; "none" when a
+    configuration has none of these. A t interval over the runs would instead measure how different the pooled
+    configurations are."""
+    items = items_of(g, y)
+    means, ses = [], []
+    for _, c in g.groupby(config_ids(g), sort=False):
+        v = c[y].to_numpy(float)
+        means.append(float(v.mean()))
+        if len(v) >= 2:
+            ses.append(float(v.std(ddof=1)) / math.sqrt(len(v)))
+        elif is_rate(y) and float(items[c.index].iloc[0]) > 0:
+            n = float(items[c.index].iloc[0])
+            p = (v[0] * n + 2) / (n + 4)
+            ses.append(math.sqrt(p * (1 - p) / (n + 4)))
+        elif se and se in c and math.isfinite(float(c[se].iloc[0])):
+            ses.append(float(c[se].iloc[0]))
+        else:
+            ses.append(math.nan)
+    m = float(np.mean(means))
+    half = Z95 * math.sqrt(sum(s * s for s in ses)) / len(ses)
+    if not math.isfinite(half):
+        return m, math.nan, math.nan, "none"
+    lo, hi = m - half, m + half
+    if is_rate(y) or bounded:
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    elif is_nonneg(y):
+        lo = max(lo, 0.0)
+    return m, lo, hi, "pooled"
 
 
 def _cell(values, items, se, rate: bool) -> tuple[float, float, float, str]:
@@ -108,6 +151,10 @@ def is_rate(col: str) -> bool:
     return col.startswith(RATE_PREFIXES)
 
 
+def is_nonneg(col: str) -> bool:
+    return col.startswith(NONNEG_PREFIXES)
+
+
 def per_config(done: pd.DataFrame, y: str, x: str | None = None, se: str | None = None) -> pd.DataFrame:
     """One row per configuration with a value of ``y``: the first run's columns, plus ``y``/``y_lo``/``y_hi``/
     ``y_kind`` (and ``x``/``x_lo``/``x_hi`` over seeds when ``x`` is given) and ``seeds``."""
@@ -118,10 +165,12 @@ def per_config(done: pd.DataFrame, y: str, x: str | None = None, se: str | None 
     rows = []
     for _, g in d.groupby(config_ids(d), sort=False):
         r = g.iloc[0].to_dict()
-        m, lo, hi, kind = cell(g[y], items[g.index], g[se] if se and se in g else None, rate=is_rate(y))
+        m, lo, hi, kind = cell(
+            g[y], items[g.index], g[se] if se and se in g else None, rate=is_rate(y), nonneg=is_nonneg(y)
+        )
         r.update({y: m, "y_lo": lo, "y_hi": hi, "y_kind": kind, "seeds": len(g)})
         if x is not None:
-            mx, xlo, xhi, _ = cell(g[x])
+            mx, xlo, xhi, _ = cell(g[x], nonneg=is_nonneg(x))
             r.update({x: mx, "x_lo": xlo, "x_hi": xhi})
         rows.append(r)
     return pd.DataFrame(rows)
@@ -129,5 +178,5 @@ def per_config(done: pd.DataFrame, y: str, x: str | None = None, se: str | None 
 
 def caption_note(kinds: set[str]) -> str:
     """The caption's sentence naming the intervals a figure drew."""
-    parts = [KIND_TEXT[k] for k in ("t", "wilson", "se", "none") if k in kinds]
+    parts = [KIND_TEXT[k] for k in ("t", "pooled", "wilson", "se", "none") if k in kinds]
     return (" Bars/bands: " + "; ".join(parts) + ".") if parts else ""

@@ -16,7 +16,7 @@ from ..analysis import (
     fmt_flops as _flops,
 )
 from ..fileio import write_atomic
-from .intervals import cell, is_rate, items_of, per_config
+from .intervals import cell, config_ids, is_nonneg, is_rate, items_of, per_config, pooled
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
@@ -228,7 +228,9 @@ def _by_topk_lines(ax, done: pd.DataFrame, x: str, y: str, kinds: set) -> list:
     bs = budget_series(done)
     labels = sorted(set(bs), key=_label_value)
     color = _topk_colors(ks)
-    for (k, d, b), grp in done.assign(_b=bs).groupby(["top_k", "d_model", "_b"]):
+    lines = done.assign(_b=bs).groupby(["top_k", "d_model", "_b"])
+    alpha = 0.18 if lines.ngroups <= 6 else 0.07  # many overlapping bands: fainter, so the lines stay readable
+    for (k, d, b), grp in lines:
         agg = per_config(grp, y)
         if agg.empty:
             continue
@@ -237,7 +239,7 @@ def _by_topk_lines(ax, done: pd.DataFrame, x: str, y: str, kinds: set) -> list:
         if len(agg) == 1:
             draw_bars(ax, agg[x], agg[y], agg["y_lo"], agg["y_hi"], color=color[k])
         else:
-            draw_band(ax, agg[x], agg["y_lo"], agg["y_hi"], color[k])
+            draw_band(ax, agg[x], agg["y_lo"], agg["y_hi"], color[k], alpha)
         ax.plot(
             agg[x],
             agg[y],
@@ -263,8 +265,17 @@ def density_cells(d: pd.DataFrame, y: str, se: str | None = None, bounded: bool 
     items = items_of(d, y)
     rows = []
     for dens, g in d[d[y].notna()].groupby("density"):
+        if config_ids(g).nunique() > 1:  # several configurations share this density: pool them
+            m, lo, hi, kind = pooled(g, y, se, bounded)
+            rows.append({"density": float(dens), "m": m, "lo": lo, "hi": hi, "kind": kind, "runs": len(g)})
+            continue
         m, lo, hi, kind = cell(
-            g[y], items[g.index], g[se] if se and se in g else None, rate=is_rate(y), bounded=bounded
+            g[y],
+            items[g.index],
+            g[se] if se and se in g else None,
+            rate=is_rate(y),
+            bounded=bounded,
+            nonneg=is_nonneg(y),
         )
         rows.append({"density": float(dens), "m": m, "lo": lo, "hi": hi, "kind": kind, "runs": len(g)})
     return pd.DataFrame(rows, columns=["density", "m", "lo", "hi", "kind", "runs"])
