@@ -43,8 +43,8 @@ NONNEG_PREFIXES = ("train_loss", "val_loss", "bpt.", "bpb.")  # losses: an inter
 RATE_PREFIXES = ("acc.", "err.", "coverage@", "maj@", "grpo_before.", "grpo_after.")
 KIND_TEXT = {
     "t": "95 % Student-t interval over seeds (clipped to [0, 1] for rates, at 0 for losses)",
-    "pooled": "where a point pools several configurations (e.g. widths), their mean ± 1.96 combined standard "
-    "errors (each configuration's over its seeds, or binomial over items for a single seed)",
+    "pooled": "where a point pools several configurations (e.g. widths), a 95 % interval: their mean ± 1.96 "
+    "combined standard errors (each configuration's over its seeds, or binomial over items for a single seed)",
     "wilson": "for a single-seed configuration, the 95 % Wilson interval over the task's evaluated items",
     "se": "for a single run, ± 1.96 recorded standard errors",
     "none": "no interval where a single run gives a loss or a per-step reward (none is defined)",
