@@ -474,6 +474,31 @@ def test_report_writes_html_and_every_figure(study, table, capsys):
     assert _VERDICT[verdict] in page and all(html.escape(s) in page for s in lines) and len(lines) == 6
     fits = json.loads((root / "report" / "fits.json").read_text())
     assert fits["reasoning"]["n_runs"] == len(df_done := table[0][table[0]["completed"]]) and len(df_done) == 72
+    _check_page_structure(page)
+
+
+def _check_page_structure(page: str) -> None:
+    """What benchmarks/report_width.py measures in a browser, as structure (CI has no chromium): the claims come
+    first, beside the optimal-sparsity figure; no visible table is wider than MAX_COLS columns, the rest sit in
+    <details>; every figure's caption names its interval (or says there is none)."""
+    import re
+
+    from test_report_intervals import tables_of
+
+    from moelab.report.page import MAX_COLS
+
+    h2 = re.findall(r"<h2>(.*?)</h2>", page)
+    assert h2[0] == "The paper's claims in this study" and h2[1] == "What this study shows"
+    lead = page[page.index("<div class='lead'>") : page.index("<h2>What this study shows")]
+    assert "claims-table" in lead and "<img src='optimal_sparsity.png'" in lead
+    assert page.count("optimal_sparsity.png'") == 1  # shown once, at the top
+    tabs = tables_of(page)
+    assert all(t["cols"] <= MAX_COLS for t in tabs if not t["in_details"]), [t["cols"] for t in tabs]
+    assert sum(t["in_details"] for t in tabs) >= 3  # coefficients, predictions, more run columns
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page, re.S)
+    assert len(captions) == len(EXPECTED_FIGURES)
+    for c in captions:
+        assert "95 %" in c or "no interval" in c, c
 
 
 def test_missing_optional_parts_do_not_crash(tmp_path, capsys):
