@@ -440,10 +440,12 @@ register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a stud
 def _law_fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("table", help="a .csv/.parquet table of runs, or a study directory (its completed runs)")
     p.add_argument("--law", required=True, metavar="NAME",
-                   help="chinchilla, ludziejewski, abnar, ladder, ladder-sparsity or surface (docs/laws.md)")
+                   help="chinchilla, compute, ludziejewski, abnar, ladder, ladder-sparsity or surface (docs/laws.md)")
     p.add_argument("--columns", metavar="ROLE=COL,...", help="map roles to columns, e.g. N=params,D=tokens,loss=val "
-                   "(roles: N N_active D loss E k S task_loss acc; default: columns named like the roles)")
+                   "(roles: N N_active D C loss E k S task_loss acc; default: columns named like the roles)")
     p.add_argument("--huber-delta", default="1e-3", metavar="X", help="Huber δ on log residuals (default: %(default)s)")
+    p.add_argument("--residual", choices=("log", "linear"), help="residual space for forms that offer both "
+                   "(compute): log L̂ − log L (default) or L̂ − L")
     p.add_argument("--bootstrap", default="200", metavar="B",
                    help="bootstrap replicates over runs (default: %(default)s)")
     p.add_argument("--seed", default="0", metavar="S", help="bootstrap seed (default: %(default)s)")
@@ -467,6 +469,12 @@ def _run_law_fit(a: argparse.Namespace) -> int:
               n_boot=require_positive_int(a.bootstrap, "--bootstrap"), seed=require_positive_int(a.seed, "--seed"),
               holdout=require_float(a.holdout, "--holdout", 0.0, 1.0, lo_open=False))
     flops = require_float(a.flops, "--flops") if a.flops is not None else None
+    if a.residual:
+        options = laws.get_form(a.law).residual_options
+        if a.residual not in options and not (a.residual == "log" and not options):
+            raise MoelabError(f"--residual: {a.law} fits log residuals only (--residual linear is for: compute)")
+        if options:
+            kw["residual"] = a.residual
     if a.plot and Path(a.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
         raise MoelabError(f"--plot: {a.plot}: use a .png, .pdf or .svg file name")
     if Path(a.table).is_dir():  # a study: its completed runs, with the study table's column names
