@@ -18,6 +18,7 @@ from moelab.claims import (
     claims_html,
     claims_text,
     combine,
+    compare_claims,
     evaluate_claims,
     t_interval,
     verdict_of,
@@ -243,3 +244,25 @@ def test_chance_note_when_reasoning_is_at_the_guessing_baseline():
     c = claims_by_key(df, chance={REA: 1 / 7})["b"]
     assert "guessing baseline" in c.sentence
     assert "guessing baseline" not in claims_by_key(table(rea=_ranked), chance={REA: 1 / 7})["b"].sentence
+
+
+def test_stability_check_flags_only_reproduced_against_contradicted():
+    """compare_claims: disjoint seed sets of one design. A planted effect in both sets agrees; a planted effect in
+    one and its opposite in the other is a conflict; a flat set beside a planted one is not (lack of power)."""
+    up = table(mem=lambda r: 20 + 5 * math.log2(r["total"] / 65_824), seeds=(0, 1, 2))
+    up2 = table(mem=lambda r: 20 + 5 * math.log2(r["total"] / 65_824), seeds=(3, 4, 5), rng=1)
+    down = table(mem=lambda r: 50 - 4 * math.log2(r["total"] / 65_824), seeds=(3, 4, 5), rng=1)
+    flat = table(noise=2.0, seeds=(3, 4, 5), rng=1)
+
+    def row_a(a, b):
+        return next(r for r in compare_claims(evaluate_claims(a), evaluate_claims(b))
+                    if r["claim"] == "a" and r["contrast"] is None)
+
+    same = row_a(up, up2)
+    assert (same["verdict_a"], same["verdict_b"], same["conflict"]) == ("reproduced", "reproduced", False)
+    opposite = row_a(up, down)
+    assert (opposite["verdict_a"], opposite["verdict_b"], opposite["conflict"]) == ("reproduced", "contradicted", True)
+    assert row_a(up, flat)["conflict"] is False
+    detail = [r for r in compare_claims(evaluate_claims(up), evaluate_claims(down)) if r["contrast"]]
+    acc = next(r for r in detail if r["claim"] == "a" and r["unit"] == "points")
+    assert acc["overlap"] is False and acc["effect_a"] > 0 > acc["effect_b"]

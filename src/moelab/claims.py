@@ -47,6 +47,7 @@ __all__ = [
     "Contrast",
     "claims_html",
     "claims_text",
+    "compare_claims",
     "evaluate_claims",
     "study_claims",
     "t_interval",
@@ -493,6 +494,31 @@ def study_claims(study: str | Path, **kw: Any) -> list[Claim]:
     from .analysis import build_table
 
     return evaluate_claims(build_table(study), **kw)
+
+
+def compare_claims(a: list[Claim], b: list[Claim]) -> list[dict[str, Any]]:
+    """The seed-set stability check (issue 16 item 5): the same study run with two disjoint seed sets must not
+    contradict itself. Per claim and per contrast, the two verdicts and effects; ``conflict`` is True when one set
+    reproduces what the other contradicts (a *not resolved* beside either is no conflict: it is a lack of power),
+    ``overlap`` whether the two 95 % intervals overlap (a weaker, descriptive check)."""
+    by_key = {c.key: c for c in b}
+    rows: list[dict[str, Any]] = []
+    for ca in a:
+        cb = by_key.get(ca.key)
+        if cb is None:
+            continue
+        pairs = [(None, ca.verdict, cb.verdict, None, None)]
+        xb = {x.label: x for x in cb.contrasts}
+        pairs += [(x.label, x.verdict, xb[x.label].verdict, x, xb[x.label]) for x in ca.contrasts if x.label in xb]
+        for label, va, vb, xa, xb_ in pairs:
+            row: dict[str, Any] = {"claim": ca.key, "contrast": label, "verdict_a": va, "verdict_b": vb,
+                                   "conflict": {va, vb} == {"reproduced", "contradicted"}}
+            if xa is not None:
+                (ma, la, ha), (mb, lb, hb) = xa.interval, xb_.interval
+                row.update(unit=xa.unit, effect_a=ma, low_a=la, high_a=ha, effect_b=mb, low_b=lb, high_b=hb,
+                           overlap=bool(max(la, lb) <= min(ha, hb)) if np.isfinite([la, lb, ha, hb]).all() else None)
+            rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
