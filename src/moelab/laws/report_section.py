@@ -141,8 +141,8 @@ def _budget_block(study: StudyLaws, budgets: list[float]) -> str:
     return ("<h3>Compute-optimal allocation and optimal sparsity per budget</h3>"
             "<p>Per law, the studied (E, k) with the lowest loss at its own compute-optimal (N, D); N* is the active "
             "size (6·N*·D* = C; Abnar et al.'s total size is N*/(active fraction) of the (E, k)). Intervals: "
-            "2.5–97.5 % of the bootstrap refits; 'refits agree': the share picking the same (E, k). Budgets past the studied compute "
-            "are extrapolations.</p>" + _table(head, rows)
+            "2.5–97.5 % of the bootstrap refits; 'refits agree': the share picking the same (E, k). Budgets past "
+            "the studied compute are extrapolations.</p>" + _table(head, rows)
             + (f"<details><summary>every candidate (E, k) per budget</summary>{''.join(cands)}</details>"
                if cands else ""))
 
