@@ -390,7 +390,8 @@ def test_recommend_picks_the_known_optimum(study, table, capsys):
     root, _ = study
     df, _, _ = table
     C = 4e14
-    argv = ["recommend", str(root), "--flops", str(C), "--weights", "reasoning=1", "--json", "--n-boot", "100"]
+    argv = ["recommend", str(root), "--flops", str(C), "--law", "surface", "--weights", "reasoning=1", "--json",
+            "--n-boot", "100"]
     assert main(argv) == 0
     rec = json.loads(capsys.readouterr().out)
     best = _true_argmin(df, C, lambda F: truth_error("reasoning", F))
@@ -410,7 +411,7 @@ def test_recommend_picks_the_known_optimum(study, table, capsys):
     assert config_of(rec) == (best["d_model"], best["n_experts"], best["top_k"])
 
     # the table form prints the choice and the per-family intervals
-    assert main(["recommend", str(root), "--flops", str(C), "--n-boot", "50"]) == 0
+    assert main(["recommend", str(root), "--flops", str(C), "--law", "surface", "--n-boot", "50"]) == 0
     out = capsys.readouterr().out
     assert "recommended:" in out and "reasoning" in out and "95% CI" in out
 
@@ -528,7 +529,7 @@ def test_missing_optional_parts_do_not_crash(tmp_path, capsys):
     assert main(["report", str(root2), "--n-boot", "20"]) == 0
     assert "loss_vs_total_params.png" in _check_report(root2 / "report" / "index.html")
     capsys.readouterr()
-    assert main(["recommend", str(root2), "--flops", "1e14", "--weights", "reasoning=1"]) == 2
+    assert main(["recommend", str(root2), "--flops", "1e14", "--law", "surface", "--weights", "reasoning=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moelab: error: --weights: no fit for 'reasoning'") and "\n" not in err
 

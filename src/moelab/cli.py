@@ -407,16 +407,37 @@ register("report", "figures, fitted optimal sparsity and an HTML report of a stu
 def _recommend_args(p: argparse.ArgumentParser) -> None:
     _analyze_args(p)
     p.add_argument("--flops", type=float, required=True, help="training compute budget C in FLOPs (e.g. 1e18)")
-    p.add_argument("--weights", default="memorization=0.5,reasoning=0.5",
-                   help="NAME=W,... over memorization, reasoning, loss (normalized to sum 1; default: %(default)s)")
+    p.add_argument("--law", metavar="NAME", help="chinchilla, ludziejewski, abnar, compute, or surface (the "
+                   "descriptive response surface); default: every published law the study supports")
+    p.add_argument("--weights", help="--law surface only: NAME=W,... over memorization, reasoning, loss "
+                   "(normalized to sum 1; default: memorization=0.5,reasoning=0.5)")
     _fit_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _run_recommend(a: argparse.Namespace) -> int:
+    from .laws.recommend import SURFACE, check_request
+
+    check_request(a.flops, a.law)
+    if a.law == SURFACE:
+        return _recommend_surface(a)
+    if a.weights:
+        raise MoelabError("--weights: only with --law surface (the published laws answer for validation loss)")
+    from .analysis import build_table
+    from .laws.recommend import answered, format_recommendation, recommend_from_laws
+
+    rec = recommend_from_laws(build_table(a.study), a.flops, a.law, n_boot=a.n_boot, seed=a.seed)
+    if rec["extrapolation"]:
+        print(f"moelab: warning: {rec['extrapolation']}", file=sys.stderr)
+    print(json.dumps(rec, indent=1) if a.json else "\n".join(format_recommendation(rec)))
+    return 0 if answered(rec) else 1
+
+
+def _recommend_surface(a: argparse.Namespace) -> int:
     from .analysis import parse_weights, recommend
 
-    rec = recommend(a.study, a.flops, parse_weights(a.weights), n_boot=a.n_boot, seed=a.seed)
+    weights = parse_weights(a.weights or "memorization=0.5,reasoning=0.5")
+    rec = recommend(a.study, a.flops, weights, n_boot=a.n_boot, seed=a.seed)
     if a.json:
         print(json.dumps(rec, indent=1))
         return 0
@@ -424,6 +445,7 @@ def _run_recommend(a: argparse.Namespace) -> int:
         print(f"moelab: warning: {w}", file=sys.stderr)
     c = rec["config"]
     print(f"C = {rec['flops']:.3g} FLOPs, weights {', '.join(f'{k}={v:.2g}' for k, v in rec['weights'].items())}")
+    print("descriptive response surface (not a published law; docs/analysis.md)")
     print(f"recommended: {rec['name']}  d={c['d_model']} L={c['n_layers']} E={c['n_experts']} k={c['top_k']} "
           f"(k/E={rec['density']:.3g}), {rec['train_tokens']:.3g} tokens, TPP {rec['tpp']:.3g}")
     print(f"{'objective':<14}{'weight':>8}{'predicted':>12}{'95% CI':>22}  unit")
@@ -435,7 +457,7 @@ def _run_recommend(a: argparse.Namespace) -> int:
     return 0
 
 
-register("recommend", "recommend (d, E, k, tokens) for a FLOP budget from a study's fitted law",
+register("recommend", "recommend (E, k, N, D) for a FLOP budget from the published laws fitted on a study",
          _recommend_args, _run_recommend)
 
 
@@ -497,8 +519,10 @@ def _law_fit_args(p: argparse.ArgumentParser) -> None:
                    help="the law form, a key of moelab.laws.LAWS, e.g. chinchilla (an unknown name lists them; "
                    "docs/laws.md)")
     p.add_argument("--columns", metavar="ROLE=COL,...", help="map roles to columns, e.g. N=params,D=tokens,loss=val "
-                   "(roles: N N_active D loss E k S task_loss acc; default: columns named like the roles)")
+                   "(roles: N N_active D C loss E k S task_loss acc; default: columns named like the roles)")
     p.add_argument("--huber-delta", default="1e-3", metavar="X", help="Huber δ on log residuals (default: %(default)s)")
+    p.add_argument("--residual", choices=("log", "linear"), help="residual space for forms that offer both "
+                   "(compute): log L̂ − log L (default) or L̂ − L")
     p.add_argument("--bootstrap", default="200", metavar="B",
                    help="bootstrap replicates over runs (default: %(default)s)")
     p.add_argument("--seed", default="0", metavar="S", help="bootstrap seed (default: %(default)s)")
@@ -522,6 +546,12 @@ def _run_law_fit(a: argparse.Namespace) -> int:
               n_boot=require_positive_int(a.bootstrap, "--bootstrap"), seed=require_positive_int(a.seed, "--seed"),
               holdout=require_float(a.holdout, "--holdout", 0.0, 1.0, lo_open=False))
     flops = require_float(a.flops, "--flops") if a.flops is not None else None
+    if a.residual:
+        options = laws.get_form(a.law).residual_options
+        if a.residual not in options and not (a.residual == "log" and not options):
+            raise MoelabError(f"--residual: {a.law} fits log residuals only (--residual linear is for: compute)")
+        if options:
+            kw["residual"] = a.residual
     if a.plot and Path(a.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
         raise MoelabError(f"--plot: {a.plot}: use a .png, .pdf or .svg file name")
     if Path(a.table).is_dir():  # a study: its completed runs, with the study table's column names

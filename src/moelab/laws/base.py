@@ -62,6 +62,7 @@ class LawForm:
     compute_roles: ClassVar[tuple[str, str]] = ("N", "D")  # C ≈ 6·N·D for the hold-out ordering
     caveats: ClassVar[tuple[str, ...]] = ()  # shown with every fit of this form (e.g. an unverified constant)
     descriptive: ClassVar[bool] = False  # True: not a law from the literature, only a smooth description
+    residual_options: ClassVar[tuple[str, ...]] = ()  # non-empty: the form takes residual=... (one of these)
 
     # ----- the model -------------------------------------------------------------------------------------------
     @property

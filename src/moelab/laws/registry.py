@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from .base import LawDataError, LawForm
 from .chinchilla import Chinchilla
+from .compute import ComputeFrontier
 from .moe_joint import JointMoE
 from .moe_sparsity import SparsityMoE
 from .surface import ResponseSurface
@@ -13,6 +14,7 @@ from .surface import ResponseSurface
 # name -> (factory, one-line description). The two-step ladder entries name their step-1 loss form.
 LAWS: dict[str, tuple[Callable[..., LawForm], str]] = {
     "chinchilla": (Chinchilla, "Hoffmann et al. 2022: L(N, D) = E + A/N^α + B/D^β"),
+    "compute": (ComputeFrontier, "Kaplan et al. 2020 / Dey et al. 2023: compute frontier L(C) = E + (C/C_c)^-α"),
     "ludziejewski": (JointMoE, "Ludziejewski et al. 2025: joint MoE law in (N_act, D, Ê)"),
     "abnar": (SparsityMoE, "Abnar et al. 2025: L(N, D, S) with sparsity terms"),
     "ladder": (Chinchilla, "Bhagia et al. 2024: task loss L(N, D) (Chinchilla form), accuracy = sigmoid(task loss)"),

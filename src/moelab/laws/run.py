@@ -48,7 +48,7 @@ def fit_summary(result: LawFit | LadderFit, info: dict | None = None, flops: flo
         if flops:
             s["compute_optimal"]["at_flops"] = opt
     elif flops and law is not None:
-        try:
+        try:  # the compute frontier gives the loss at C
             s["compute_optimal"] = {"at_flops": law.compute_optimal(flops)}
         except ValueError as e:  # the MoE forms need E or S: only from Python
             s["compute_optimal"] = {"note": str(e)}
@@ -106,6 +106,9 @@ def render(summary: dict[str, Any]) -> None:
         con.print(f"at C = {at['flops']:.3g} FLOPs: N* = {at['N_opt']:.3g} {_ci(ci.get('N_opt'), '.3g')}, "
                   f"D* = {at['D_opt']:.3g} {_ci(ci.get('D_opt'), '.3g')}, L* = {at['loss_opt']:.4g} "
                   f"{_ci(ci.get('loss_opt'), '.4g')}")
+    elif at and "loss_opt" in at:
+        con.print(f"at C = {at['flops']:.3g} FLOPs: L = {at['loss_opt']:.4g} "
+                  f"{_ci(at.get('ci95', {}).get('loss_opt'), '.4g')}")
     for w in summary["warnings"]:
         con.print(f"[yellow]note:[/yellow] {w}")
 

@@ -1,8 +1,9 @@
 """Tables of runs for the laws: reading a CSV/parquet, mapping its columns to roles, validating the numbers.
 
 Roles (``--columns ROLE=COLUMN``; defaults: a column named like the role): ``N`` total parameters, ``N_active``
-active parameters, ``D`` training tokens, ``loss``, ``E`` experts, ``k`` active experts per token, ``S`` sparsity
-(1 − k/E; derived from ``E`` and ``k`` when the table has no ``S`` column), ``task_loss`` and ``acc`` for the
+active parameters, ``D`` training tokens, ``C`` training compute (FLOPs; the compute frontier), ``loss``, ``E``
+experts, ``k`` active experts per token, ``S`` sparsity (1 − k/E; derived from ``E`` and ``k`` when the table has
+no ``S`` column), ``task_loss`` and ``acc`` for the
 two-step ladder. A study's table (``moelab.analysis.build_table``) maps through :data:`STUDY_COLUMNS`.
 
 Every problem is one line naming the file, the column and the row: a missing column, a value that is not a number,
@@ -22,13 +23,14 @@ from ..errors import DataError
 from .base import Data
 
 ROLES: dict[str, str] = {
-    "N": "total parameters", "N_active": "active parameters", "D": "training tokens", "loss": "loss",
+    "N": "total parameters", "N_active": "active parameters", "D": "training tokens", "C": "training compute (FLOPs)",
+    "loss": "loss",
     "E": "experts", "k": "active experts per token", "S": "sparsity 1 - k/E", "task_loss": "task loss",
     "acc": "accuracy",
 }
-POSITIVE = ("N", "N_active", "D", "loss", "E", "k", "task_loss")
+POSITIVE = ("N", "N_active", "D", "C", "loss", "E", "k", "task_loss")
 STUDY_COLUMNS: dict[str, str] = {
-    "N": "total_params", "N_active": "active_params", "D": "train_tokens", "loss": "val_loss",
+    "N": "total_params", "N_active": "active_params", "D": "train_tokens", "C": "train_flops", "loss": "val_loss",
     "E": "n_experts", "k": "top_k", "S": "sparsity",
 }
 
