@@ -116,7 +116,8 @@ def test_tokenizer_load_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"garbage.json: not a valid tokenizer.json \("):
         Tokenizer.load(tmp_path / "garbage.json")
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(DataError, match=r"emptydir: no tokenizer.json or tokenizer_config.json in directory$"):
+    with pytest.raises(DataError,
+                       match=r"emptydir: no tokenizer.json, tokenizer.model or tokenizer_config.json in directory$"):
         Tokenizer.load(tmp_path / "emptydir")
 
 

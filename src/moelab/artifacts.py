@@ -131,8 +131,11 @@ class TaskResult:
     sc: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
 
 
-_SC_RE = re.compile(r"^(coverage|coverage_first|maj|majority)@(\d+)$")
-_SC_KIND = {"coverage": "coverage", "coverage_first": "coverage_first", "maj": "maj", "majority": "maj"}
+# kind "coverage" (unbiased), "coverage_first" (first n samples), "maj" (expected majority vote of a random
+# size-n subset; moelab.selfconsistency) or "maj_first" (majority vote of the first n)
+_SC_RE = re.compile(r"^(coverage|coverage_first|maj|majority|maj_first|majority_first)@(\d+)$")
+_SC_KIND = {"coverage": "coverage", "coverage_first": "coverage_first", "maj": "maj", "majority": "maj",
+            "maj_first": "maj_first", "majority_first": "maj_first"}
 _NOT_ACCURACY = {"alias", "n", "n_items", "n_items_total", "bits_per_token", "bits_per_byte"}
 
 

@@ -471,11 +471,12 @@ class GRPOConfig(StrictModel):
 
     Defaults reproduce the paper's verl run: lr 5e-6, 5 rollouts per prompt, 1024 prompts per step, k3
     ("low-variance") KL to the starting model with coefficient 1e-3, no entropy bonus, prompts/responses of at most
-    512/1024 tokens, 100 steps, reward = verified final answer. Batching is counted in prompts, so every generation
-    batch holds whole groups of ``num_generations`` completions (TRL's divisibility rule holds by construction).
+    512/1024 tokens, 105 steps (15 epochs of MATH train), reward = verified final answer. Batching is counted in
+    prompts, so every generation batch holds whole groups of ``num_generations`` completions (TRL's divisibility rule
+    holds by construction).
     """
 
-    steps: PositiveInt = 100  # optimizer steps
+    steps: PositiveInt = 105  # optimizer steps
     learning_rate: PositiveFloat = 5e-6
     prompts_per_step: PositiveInt = 1024  # distinct prompts per optimizer step
     num_generations: int = Field(5, ge=2)  # rollouts per prompt (the group size G)
@@ -498,9 +499,10 @@ class GRPOConfig(StrictModel):
     router_aux_loss_coef: NonNegativeFloat | None = None  # None: the checkpoint's router_aux_loss_coef
     # reward: lm-eval's GSM8K answer extraction and exact match (moelab.eval), plus an optional format bonus
     answer_filter: Literal["strict-match", "flexible-extract"] = "strict-match"
-    answer_match: Literal["exact", "numeric"] = "exact"  # numeric: also equal when both parse to the same number
+    # GSM8K: numeric = also equal when both parse to the same number; MATH: math_verify = also what math_verify accepts
+    answer_match: Literal["exact", "numeric", "math_verify"] = "exact"
     format_reward: NonNegativeFloat = 0.0  # added when the completion has a "#### <number>" line
-    prompt_template: str = "Question: {question}\nAnswer:"  # lm-eval gsm8k doc_to_text, zero-shot
+    prompt_template: str | None = None  # None: the task's (TaskSpec.grpo_prompt; GSM8K "Question: {question}\nAnswer:")
     max_train_prompts: PositiveInt | None = None  # use only the first N training problems
     # before/after mean reward on held-out (test-split) prompts
     eval_prompts: NonNegativeInt = 256  # 0: skip
@@ -519,7 +521,9 @@ class GRPOConfig(StrictModel):
 
     @field_validator("prompt_template")
     @classmethod
-    def _prompt_template(cls, v: str) -> str:
+    def _prompt_template(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if "{question}" not in v:
             raise ValueError(f"prompt_template {v!r} must contain '{{question}}'")
         try:

@@ -5,7 +5,8 @@
   :data:`moelab.tasks.TASKS`, file names in docs/evaluation.md).
 * Task loss (:mod:`moelab.taskloss`): bits/token and bits/byte of each evaluated item's gold answer given its prompt.
 * Self-consistency (docs/paper.md §Evaluation, test-time compute): N samples per question, answers extracted with
-  the task's own filters (:mod:`moelab.answers`), coverage@n and maj@n for n = 1, 2, 4, …, N (:func:`sc_metrics`).
+  the task's own filters (:mod:`moelab.answers`), coverage@n and maj@n for n = 1, 2, 4, …, N
+  (:mod:`moelab.selfconsistency`).
 
 :func:`run_eval` checks every setting, path and data file before it loads the model, then runs lm-eval once for all
 tasks. The names other modules used to import from here (``EvalModel``, ``task_loss``, ``lm_eval_task_config``, …)
@@ -17,9 +18,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
-from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -31,6 +31,7 @@ from .artifacts import write_result
 from .generate import StopStrings, generate_batched
 from .hf import require_safetensors
 from .provenance import find_train_tokens, training_losses
+from .selfconsistency import ESTIMATORS, coverage_unbiased, majority_vote, sample_sizes, sc_metrics
 from .taskdata import (
     DATA_EXTENSIONS,
     check_task_data,
@@ -45,79 +46,6 @@ from .taskloss import LN2, TaskLoss, read_task_loss_file, task_loss
 from .tasks import TASKS, TaskSpec, get_task
 
 
-# ======================================================================================================================
-# Self-consistency (docs/paper.md §Evaluation: coverage@n and maj@n)
-# ======================================================================================================================
-
-
-def sample_sizes(n_max: int) -> list[int]:
-    """1, 2, 4, … up to ``n_max``, plus ``n_max`` itself when it is not a power of two."""
-    ns, n = [], 1
-    while n <= n_max:
-        ns.append(n)
-        n *= 2
-    if ns[-1] != n_max:
-        ns.append(n_max)
-    return ns
-
-
-def coverage_unbiased(n_total: int, n_correct: int, k: int) -> float:
-    """P(at least one of k samples drawn without replacement from the N generated is correct) = 1 - C(N-c, k)/C(N, k).
-
-    The unbiased pass@k estimator of Chen et al. 2021 (also used by large_language_monkeys), computed as a
-    stable product.
-    """
-    if k > n_total:
-        raise ValueError(f"k ({k}) > number of samples ({n_total})")
-    if n_total - n_correct < k:
-        return 1.0
-    p_all_wrong = 1.0
-    for i in range(n_total - n_correct + 1, n_total + 1):
-        p_all_wrong *= 1.0 - k / i
-    return 1.0 - p_all_wrong
-
-
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """The most frequent valid answer (None = invalid, ignored); ties go to the answer that appeared first."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    first = {}
-    for i, a in enumerate(answers):
-        if a is not None and a not in first:
-            first[a] = i
-    return max(counts, key=lambda a: (counts[a], -first[a]))
-
-
-def sc_metrics(
-    answers: Sequence[Sequence[str | None]], golds: Sequence[str], ns: Sequence[int] | None = None
-) -> dict[str, dict[str, float]]:
-    """coverage@n and maj@n, averaged over questions, for normalised answers (None = no answer extracted).
-
-    * ``coverage``: unbiased estimator over all N samples (:func:`coverage_unbiased`).
-    * ``coverage_first``: any of the first n samples correct (same estimand, higher variance; pairs with maj).
-    * ``majority``: majority vote over the first n samples (:func:`majority_vote`; invalid answers do not vote,
-      ties go to the earliest answer); a question with no valid answer among them counts as wrong.
-    """
-    if len(answers) != len(golds) or not answers:
-        raise ValueError("need one list of answers per gold answer, and at least one question")
-    n_total = len(answers[0])
-    if any(len(a) != n_total for a in answers):
-        raise ValueError("every question needs the same number of samples")
-    ns = list(ns or sample_sizes(n_total))
-    out: dict[str, dict[str, float]] = {"coverage": {}, "coverage_first": {}, "majority": {}}
-    Q = len(golds)
-    for n in ns:
-        cov = cov_first = maj = 0.0
-        for samples, gold in zip(answers, golds):
-            right = [a is not None and a == gold for a in samples]
-            cov += coverage_unbiased(n_total, sum(right), n)
-            cov_first += float(any(right[:n]))
-            maj += float(majority_vote(samples[:n]) == gold)
-        out["coverage"][str(n)] = cov / Q
-        out["coverage_first"][str(n)] = cov_first / Q
-        out["majority"][str(n)] = maj / Q
-    return out
 
 
 # ======================================================================================================================
@@ -225,8 +153,7 @@ def _self_consistency(task, em: EvalModel, s: EvalSettings, pairs, progress: boo
     result: dict[str, Any] = {
         "n_samples": n, "temperature": s.sc_temperature, "top_p": s.sc_top_p, "max_new_tokens": s.sc_max_new_tokens,
         "seed": s.seed, "stop": until,
-        "estimators": "coverage: unbiased 1-C(N-c,n)/C(N,n); coverage_first and majority: first n samples; "
-                      "invalid answers do not vote; ties go to the earliest answer",
+        "estimators": ESTIMATORS,
     }
     for fname, extract in answer_extractors(task).items():
         answers = []

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DataError
 from .hf import read_config, require_safetensors
 from .model import MoETransformer
 
@@ -59,7 +59,8 @@ def check_dtype(dtype: str, flag: str = "dtype") -> torch.dtype:
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The checkpoint's own tokenizer (tokenizer.json + tokenizer_config.json), through transformers.
+    """The checkpoint's own tokenizer (tokenizer.json + tokenizer_config.json, or only a sentencepiece
+    tokenizer.model), through transformers.
 
     Loaded exactly as lm-eval's ``hf`` backend loads it (``AutoTokenizer``, fast), so both backends tokenize
     identically. Tokenizer files hold no weights; callers that load a checkpoint check its weights first
@@ -68,8 +69,11 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(model_dir)
+    if not (path / "tokenizer.json").is_file() and (path / "tokenizer.model").is_file():
+        return _sentencepiece_tokenizer(path)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise CheckpointError(f"{path}: no tokenizer.json / tokenizer_config.json beside the checkpoint")
+        raise CheckpointError(f"{path}: no tokenizer.json / tokenizer.model / tokenizer_config.json beside the "
+                              "checkpoint")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), use_fast=True, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure is a bad tokenizer directory to the user
@@ -78,6 +82,21 @@ def load_tokenizer(model_dir: str | Path):
     if tok.eos_token_id is None:
         raise CheckpointError(f"{path}: tokenizer has no eos_token (set it in tokenizer_config.json)")
     return tok
+
+
+def _sentencepiece_tokenizer(path: Path):
+    """A checkpoint with only a sentencepiece ``tokenizer.model``: moelab's exact conversion (:mod:`moelab.spm`),
+    the one ``moelab train`` uses, as a transformers fast tokenizer (transformers' own conversion differs from
+    sentencepiece on leading spaces). Special tokens as :meth:`moelab.tokenizer.Tokenizer.load` finds them."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .tokenizer import Tokenizer
+
+    try:
+        t = Tokenizer.load(path)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+    return PreTrainedTokenizerFast(tokenizer_object=t.backend, eos_token=t.eos_token, pad_token=t.pad_token)
 
 
 class EvalModel:

@@ -436,9 +436,10 @@ def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    """Copy tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) if present, and record
-    the tokenizer's bos/eos/pad ids in ``dst/config.json`` (if there is one) so transformers stops at the right EOS."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    """Copy tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json, a sentencepiece
+    tokenizer.model) if present, and record the tokenizer's bos/eos/pad ids in ``dst/config.json`` (if there is one)
+    so transformers stops at the right EOS."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
         f = Path(src) / name
         if f.is_file():
             shutil.copyfile(f, Path(dst) / name)

@@ -37,9 +37,9 @@ from .errors import CheckpointError, ConfigError, DataError
 from .evalmodel import EvalModel, load_tokenizer
 from .fileio import write_json_atomic, write_jsonl_atomic
 from .hf import copy_tokenizer_files, from_hf_config, read_hf_config, require_safetensors
-from .rewards import REWARDS, AnswerReward, reward_functions, task_reward
+from .rewards import REWARDS, AnswerReward, MathReward, reward_functions, task_reward
 from .taskdata import find_data_file, iter_records
-from .tasks import TASKS, grpo_tasks
+from .tasks import GSM_PROMPT, TASKS, grpo_tasks
 
 __all__ = [
     "GRPO_TASKS",
@@ -47,6 +47,7 @@ __all__ = [
     "REWARDS",
     "Problem",
     "AnswerReward",
+    "MathReward",
     "load_problems",
     "reward_functions",
     "evaluate_reward",
@@ -62,7 +63,28 @@ TRAIN_FILES = {name: TASKS[name].grpo_train for name in GRPO_TASKS}
 
 # Named starting points for `moelab grpo --preset`; a config file and flags override them.
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},  # GRPOConfig's defaults are the paper's settings
+    # The paper's verl run (docs/paper.md §Evaluation, GRPO), spelled out so it stays so whatever the defaults:
+    # `moelab grpo --task math --preset paper` on a GPU. verl's PPO mini-batch (256 of the 1024 prompts, 4 updates
+    # per batch) is not reproduced: every step here is one on-policy update over all its prompts (docs/grpo.md).
+    "paper": {
+        "steps": 105,  # 15 epochs of MATH train at 1024 prompts per step
+        "learning_rate": 5e-6,
+        "lr_scheduler": "constant",
+        "warmup_steps": 0,
+        "prompts_per_step": 1024,
+        "num_generations": 5,
+        "max_prompt_tokens": 512,
+        "max_completion_tokens": 1024,
+        "beta": 1e-3,  # k3 ("low-variance") KL loss
+        "kl_bias_correction": False,
+        "entropy_coef": 0.0,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "clip_epsilon": 0.2,
+        "loss_type": "dapo",  # token mean, as verl's default loss_agg_mode
+        "scale_rewards": "group",
+        "format_reward": 0.0,  # reward = the verified final answer only
+    },
     # Seconds-to-minutes on a laptop CPU for a tiny model trained on the synthetic corpus (docs/grpo.md).
     "cpu": {
         "steps": 30,
@@ -137,7 +159,7 @@ def load_problems(task: str, data_dir: str | Path, split: str) -> list[Problem]:
 def evaluate_reward(
     model_dir: str | Path,
     problems: Sequence[Problem],
-    reward: AnswerReward,
+    reward: AnswerReward | MathReward,
     cfg: GRPOConfig,
     *,
     device: str = "cpu",
@@ -159,7 +181,8 @@ def evaluate_reward(
         raise ConfigError(f"eval_max_tokens/max_completion_tokens ({max_new}) must be below the model's context "
                           f"({em.max_length})")
     keep = em.max_length - max_new
-    ids = [em.tok_encode(cfg.prompt_template.format(question=p.question), left_truncate_len=keep) for p in problems]
+    template = cfg.prompt_template or GSM_PROMPT
+    ids = [em.tok_encode(template.format(question=p.question), left_truncate_len=keep) for p in problems]
     eos_text = em.tokenizer.decode([em.eot_token_id], skip_special_tokens=False)
     stops = reward.until + ([eos_text] if eos_text and eos_text not in reward.until else [])
     gen = torch.Generator(device=em.device).manual_seed(cfg.seed)
@@ -378,7 +401,7 @@ class GRPORun:
     experts: str | None  # transformers' experts_implementation for the policy and the reference model
     batching: dict[str, int]
     tokenizer: Any
-    reward: AnswerReward
+    reward: AnswerReward | MathReward
     n_problems: int
     train_prompts: list[str]
     train_golds: list[str]
@@ -390,6 +413,8 @@ def prepare_run(model_dir, task, data_dir, out_dir, cfg=None, *, preset: str = "
     tokenizer and prompts. Raises a one-line MoelabError on any bad input; writes nothing."""
     cfg = resolve_config(cfg, preset)
     check_task(task)
+    if cfg.prompt_template is None:  # the task's own zero-shot prompt
+        cfg = cfg.model_copy(update={"prompt_template": TASKS[task].grpo_prompt})
     src, out = Path(model_dir).resolve(), Path(out_dir).resolve()
     require_safetensors(src)
     check_out_dir(out, src)

@@ -36,6 +36,11 @@ _SYNTHETIC_MEMORY = {
 }
 
 GSM_METRICS = ("exact_match,strict-match", "exact_match,flexible-extract")
+GSM_PROMPT = "Question: {question}\nAnswer:"  # lm-eval gsm8k's doc_to_text, zero-shot
+# MATH (Hendrycks et al. 2021) in EleutherAI/hendrycks_math's records (problem, level, type, solution); the four
+# few-shot exemplars are lm-eval's own (minerva_math utils.list_fewshot_samples), so no training split is read.
+_MATH = {"problem": str, "solution": str}
+_MATH_CONFIG = {"training_split": None}
 _QA = {"question": str, "answer": str}  # GSM8K-style records (and the synthetic tasks')
 
 
@@ -53,7 +58,8 @@ class TaskSpec:
     on (multiple choice, free text).
     ``grpo_train``: file stem of the GRPO training prompts; None: GRPO cannot train on this task. ``reward``: the
     GRPO reward kind (a key of ``moelab.rl.REWARDS``; "gsm8k" = lm-eval's GSM8K answer rules), ``qa_fields``: the
-    record keys of a training/held-out question and its gold solution.
+    record keys of a training/held-out question and its gold solution, ``grpo_prompt`` the zero-shot prompt GRPO
+    writes for a question (``GRPOConfig.prompt_template`` overrides it).
     """
 
     name: str
@@ -69,6 +75,7 @@ class TaskSpec:
     grpo_train: str | None = None
     reward: str | None = None
     qa_fields: tuple[str, str] = ("question", "answer")
+    grpo_prompt: str = GSM_PROMPT  # GRPO's zero-shot prompt (lm-eval's doc_to_text)
     about: str = ""
 
     @property
@@ -99,6 +106,18 @@ TASKS: dict[str, TaskSpec] = {
             GSM_METRICS, fields={"question": str, "solution": str}, answer="filters",
             qa_fields=("question", "solution"),
             about="GSM-Plus testmini (2,400), exemplars from testmini",
+        ),
+        TaskSpec(
+            "math", "minerva_math/minerva_math_algebra.yaml", {"test": "math/test"}, 4, "reasoning",
+            ("exact_match", "math_verify"), fields=_MATH, config=_MATH_CONFIG, grpo_train="math/train",
+            reward="math", qa_fields=("problem", "solution"), grpo_prompt="Problem:\n{question}\n\nSolution:",
+            about="MATH test (5,000, all subjects in one file), lm-eval's minerva_math protocol: Minerva's 4 "
+                  "exemplars, exact match after Minerva's normalisation + sympy equivalence, and math_verify",
+        ),
+        TaskSpec(
+            "math500", "minerva_math/minerva_math500.yaml", {"test": "math/math500"}, 4, "reasoning",
+            ("exact_match", "math_verify"), fields=_MATH, config=_MATH_CONFIG, qa_fields=("problem", "solution"),
+            about="MATH-500 (HuggingFaceH4's 500-problem subset of MATH test), minerva_math protocol as math",
         ),
         TaskSpec(
             "hellaswag", "hellaswag/hellaswag.yaml", {"validation": "hellaswag/validation", "train": "hellaswag/train"},
@@ -183,6 +202,7 @@ def primary_metric(task: str, metrics: dict[str, float]) -> str | None:
 
 __all__ = [
     "DEFAULT_PRIMARY",
+    "GSM_PROMPT",
     "TASKS",
     "TaskSpec",
     "answer_tasks",

@@ -1,6 +1,7 @@
 """Tokenizers for the data pipeline: a ``tokenizers.Tokenizer`` with the two special tokens moelab needs, loaded
-from a ``tokenizer.json`` or a transformers directory, or a byte-level BPE trained offline on a data mixture and
-cached (:func:`load_or_train_tokenizer`). moelab.data re-exports the public names."""
+from a ``tokenizer.json``, a sentencepiece ``tokenizer.model`` or a transformers directory, or a byte-level BPE
+trained offline on a data mixture and cached (:func:`load_or_train_tokenizer`). moelab.data re-exports the public
+names."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from .config import ConfigError, DataConfig, TokenizerConfig
 from .errors import DataError
 from .fileio import write_bytes_atomic
+from .spm import sentencepiece_backend
 from .sources import (
     SHARD_FORMAT_VERSION,
     is_validation_doc,
@@ -121,7 +123,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path, eos_token: str | None = None, pad_token: str | None = None) -> "Tokenizer":
-        """Load a ``tokenizer.json`` file, a directory holding one, or a transformers tokenizer directory.
+        """Load a ``tokenizer.json`` file, a directory holding one, a sentencepiece ``tokenizer.model`` (file or
+        directory holding only it; :mod:`moelab.spm`), or a transformers tokenizer directory.
 
         Special tokens come from the arguments, else the directory's ``tokenizer_config.json``, else are detected
         by name (``<|endoftext|>``, ``</s>``, ...); pad falls back to EOS (padding is masked anyway).
@@ -141,9 +144,13 @@ class Tokenizer:
             pad_token = pad_token or special_token_content(tok_cfg.get("pad_token"))
             if (path / "tokenizer.json").is_file():
                 return cls(_backend_from_file(path / "tokenizer.json"), eos_token, pad_token)
-            if cfg_file.is_file():  # e.g. a sentencepiece-only transformers directory: let transformers convert it
+            if (path / "tokenizer.model").is_file():  # sentencepiece (Llama-2 style): converted and checked exactly
+                return cls(sentencepiece_backend(path / "tokenizer.model"), eos_token, pad_token)
+            if cfg_file.is_file():
                 return cls._from_transformers(path, eos_token, pad_token)
-            raise DataError(f"{path}: no tokenizer.json or tokenizer_config.json in directory")
+            raise DataError(f"{path}: no tokenizer.json, tokenizer.model or tokenizer_config.json in directory")
+        if path.suffix == ".model":
+            return cls(sentencepiece_backend(path), eos_token, pad_token)
         return cls(_backend_from_file(path), eos_token, pad_token)
 
     @classmethod
