@@ -43,7 +43,7 @@ class Limits:
 
     timeout_s: float = 10.0  # wall clock, whole process group
     memory_bytes: int = 1 << 30  # RLIMIT_AS (address space)
-    cpu_s: int | None = None  # RLIMIT_CPU; None: ceil(timeout) + 1
+    cpu_s: int | None = None  # RLIMIT_CPU; None: int(timeout) + 2
     nproc: int = 64  # RLIMIT_NPROC (counts every process of the user id; root is exempt, hence ``nobody``)
     fsize_bytes: int = 16 << 20  # RLIMIT_FSIZE: largest file it may write
     nofile: int = 64  # RLIMIT_NOFILE

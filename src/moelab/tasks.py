@@ -2,10 +2,10 @@
 
 Each :class:`TaskSpec` says where the protocol comes from (lm-eval's own YAML, or a full definition for the synthetic
 tasks), where its splits live under a local data directory, the paper's few-shot count, which task *family* it
-belongs to (docs/paper.md §Questions and findings: memorization vs reasoning), the accuracy metric that plots and fits
-use, and, for tasks GRPO can train on, where the training prompts are. Every other list of tasks in moelab
-(evaluation, analysis families and primary metrics, GRPO tasks, CLI help, sweep-spec validation) derives from
-:data:`TASKS`; to add a task, add one entry here (docs/extending.md).
+belongs to (docs/paper.md §Questions and findings: memorization vs reasoning; §Evaluation: code), the accuracy
+metric that plots and fits use, and, for tasks GRPO can train on, where the training prompts are. Every other list
+of tasks in moelab (evaluation, analysis families and primary metrics, GRPO tasks, CLI help, sweep-spec validation)
+derives from :data:`TASKS`; to add a task, add one entry here (docs/extending.md).
 """
 
 from __future__ import annotations
