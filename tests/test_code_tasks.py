@@ -10,6 +10,9 @@ model is tests/test_code_e2e.py.
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
+from badinput import assert_clean_error
 from moelab import codeeval
 from moelab.errors import DataError
 from moelab.sandbox import Limits
@@ -152,3 +156,52 @@ def test_bad_code_records_and_exports(tmp_path):
     with pytest.raises(DataError, match="evaluate it with moelab eval"):
         export_task_yamls(tmp_path / "yamls", DATA, ["humaneval"])
     assert export_task_yamls(tmp_path / "yamls", DATA) == []  # code tasks are left out of a full export
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moelab.cli", *args]
+
+
+def test_task_items_then_task_loss_on_code_files(tmp_path):
+    """``moelab task-items`` writes HumanEval+ in the {prompt, answer} format; ``moelab task-loss`` scores it (a random
+    checkpoint: only counts and finiteness are asserted, nothing a CPU's rounding can change)."""
+    from fixtures.eval.build import build_checkpoint
+
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    items = tmp_path / "items.json"
+    subprocess.run(_cli("task-items", "--task", "humaneval_plus", "--data-dir", str(DATA), "--out", str(items)),
+                   check=True, capture_output=True)
+    assert [it["answer"] for it in json.loads(items.read_text())] == [r["canonical_solution"]
+                                                                      for r in _rows("humaneval_plus")]
+    out = tmp_path / "loss.json"
+    subprocess.run(_cli("task-loss", "--model", str(ckpt), "--file", str(items), "--out", str(out), "--no-progress"),
+                   check=True, capture_output=True)
+    res = json.loads(out.read_text())
+    assert res["n_items"] == 3 and math.isfinite(res["bits_per_token"]) and res["bits_per_token"] > 0
+    # each prompt's trailing "\n" moves to the answer (lm-eval's context/continuation split, EvalModel.encode_pair)
+    assert res["answer_bytes"] == sum(len(r["canonical_solution"].encode()) + 1 for r in _rows("humaneval_plus"))
+
+
+TASK_ITEMS_CASES = {
+    "unknown_task": (lambda tmp: ["--task", "humaneval_pro", "--data-dir", str(DATA)], "unknown task 'humaneval_pro'"),
+    "missing_file": (lambda tmp: ["--task", "mbpp", "--data-dir", str(tmp)], ["task mbpp", "mbpp/test"]),
+    "limit_zero": (lambda tmp: ["--task", "mbpp", "--data-dir", str(DATA), "--limit", "0"], "--limit must be >= 1"),
+    "bad_record": (lambda tmp: ["--task", "humaneval", "--data-dir", str(_bad_humaneval(tmp))],
+                   ["humaneval/test.jsonl:1", "field 'entry_point' must be a string"]),
+}
+
+
+def _bad_humaneval(tmp: Path) -> Path:
+    (tmp / "humaneval").mkdir()
+    row = _rows("humaneval")[0] | {"entry_point": 3}
+    (tmp / "humaneval" / "test.jsonl").write_text(json.dumps(row) + "\n")
+    return tmp
+
+
+@pytest.mark.parametrize("case", sorted(TASK_ITEMS_CASES))
+def test_task_items_bad_input(tmp_path, case):
+    args, needle = TASK_ITEMS_CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_clean_error(["task-items", *args(work), "--out", str(tmp_path / "items.json")], needle, watch=[tmp_path])
+    assert not (tmp_path / "items.json").exists()
