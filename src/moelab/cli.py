@@ -692,6 +692,36 @@ register("task-loss", "bits/token and bits/byte of gold answers given prompts (d
          _task_loss_args, _run_task_loss)
 
 
+def _task_items_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="a registered task: " + ",".join(task_names()))
+    p.add_argument("--data-dir", required=True, metavar="DATA", help="local task files (docs/evaluation.md)")
+    p.add_argument("--out", required=True, metavar="ITEMS.json", help="the {prompt, answer} list, for task-loss --file")
+    p.add_argument("--num-fewshot", type=int, help="override the paper's few-shot count")
+    p.add_argument("--limit", type=int, help="first N items only")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed (as moelab eval; default 1234)")
+
+
+def _run_task_items(a: argparse.Namespace) -> int:
+    from .evalsettings import check_output_file
+    from .tasks import get_task
+
+    get_task(a.task)
+    for flag, v, low in (("--num-fewshot", a.num_fewshot, 0), ("--limit", a.limit, 1)):
+        if v is not None and v < low:
+            raise MoelabError(f"task-items: {flag} must be >= {low} (got {v})")
+    check_output_file(a.out, "task-items: --out")
+    from .eval import task_items, write_result
+
+    items = task_items(a.task, a.data_dir, a.num_fewshot, a.limit, a.seed)
+    write_result(a.out, items)
+    print(f"{len(items)} items of {a.task} -> {a.out}")
+    return 0
+
+
+register("task-items", "a task's prompts and gold answers as lm-eval builds them, in task-loss's {prompt, answer} "
+         "format", _task_items_args, _run_task_items)
+
+
 def _lm_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="lm-eval's own arguments, e.g. --model moelab --model_args pretrained=DIR --tasks gsm8k "

@@ -93,7 +93,12 @@ def _check_lengths(context: int, s: EvalSettings, configs: dict[str, dict[str, A
 
 
 def _gold_continuation(task, doc: dict, instances: list) -> str:
-    """The gold answer exactly as lm-eval would append it to the prompt (target delimiter + target)."""
+    """The gold answer exactly as lm-eval would append it to the prompt (target delimiter + target); for tasks
+    whose target is not the answer (code: the tests), the record's ``gold_field``, which the generated text
+    continues directly (no delimiter)."""
+    gold_field = TASKS[task.config.task].gold_field if task.config.task in TASKS else None
+    if gold_field is not None:
+        return str(doc[gold_field])
     if task.OUTPUT_TYPE == "multiple_choice":
         gold = task.doc_to_target(doc)
         if isinstance(gold, str):
@@ -117,6 +122,21 @@ def _task_pairs(task) -> list[tuple[str, str, dict]]:
         doc = insts[0].doc
         pairs.append((insts[0].args[0], _gold_continuation(task, doc, insts), doc))
     return pairs
+
+
+def task_items(name: str, data_dir: str | Path, num_fewshot: int | None = None, limit: int | None = None,
+               seed: int = 1234) -> list[dict[str, Any]]:
+    """The task-loss items of a task in ``moelab task-loss``'s ``{prompt, answer}`` format: exactly the prompts
+    lm-eval builds (few-shot exemplars included, sampled with ``seed`` as ``moelab eval`` does) and the gold answer
+    ``moelab eval``'s task loss scores (for code tasks the reference solution, docs/evaluation.md §Code)."""
+    cfg = lm_eval_task_config(name, data_dir, num_fewshot)
+    check_task_data(name, cfg, fewshot_flag=num_fewshot is not None)
+    with _quiet_lm_eval(False):
+        _, tasks = load_lm_eval_tasks({name: cfg}, progress=False)
+        task = tasks[name]
+        task.set_fewshot_seed(seed=seed)
+        task.build_all_requests(limit=limit)
+    return [{"prompt": p, "answer": a, "task": name, "doc_id": i} for i, (p, a, _) in enumerate(_task_pairs(task))]
 
 
 def _sample_answers(task, em: EvalModel, s: EvalSettings, pairs, progress: bool) -> tuple[list[str], list[str]]:
@@ -221,6 +241,7 @@ def _evaluate(em: EvalModel, task_objs: dict[str, Any], tm, s: EvalSettings, pro
         model=lm, tasks=list(task_objs.values()), limit=s.limit, task_manager=tm, log_samples=False,
         bootstrap_iters=s.bootstrap_iters, random_seed=s.seed, numpy_random_seed=s.seed,
         torch_random_seed=s.seed, fewshot_random_seed=s.seed,
+        confirm_run_unsafe_code=True,  # the code tasks' programs run in moelab.sandbox (moelab.codeeval)
     )
 
 
@@ -312,6 +333,7 @@ __all__ = [
     "sample_sizes",
     "sc_metrics",
     "task_configs",
+    "task_items",
     "write_result",
     # re-exported from moelab.answers, .evalmodel, .provenance, .taskdata, .taskloss, .tasks
     "DATA_EXTENSIONS",

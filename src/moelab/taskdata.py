@@ -173,12 +173,37 @@ def task_overrides(
     return yaml_path, over
 
 
+def _substitute_functions(node: Any, replacements: dict[str, Any], where: str) -> Any:
+    """``node`` with every unresolved ``!function`` path (``<lm_eval/tasks/...>/utils.f``) swapped for its stand-in."""
+    if isinstance(node, dict):
+        return {k: _substitute_functions(v, replacements, where) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_functions(v, replacements, where) for v in node]
+    if isinstance(node, str) and node.startswith(str(lm_eval_tasks_dir())):
+        ref = Path(node).name
+        if ref not in replacements:
+            raise DataError(f"{where}: !function {ref} has no moelab stand-in (an lm-eval version moelab does not "
+                            "know)")
+        return replacements[ref]
+    return node
+
+
 def lm_eval_task_config(name: str, data_dir: str | Path, num_fewshot: int | None = None) -> dict[str, Any]:
-    """The complete lm-eval task config dict: lm-eval's installed YAML + :func:`task_overrides`."""
+    """The complete lm-eval task config dict: lm-eval's installed YAML + :func:`task_overrides`.
+
+    For the code tasks (``functions="codeeval"``) the YAML is read without importing its ``utils.py`` and its
+    ``!function`` entries become :data:`moelab.codeeval.REPLACEMENTS` (sandboxed pass@k; docs/evaluation.md §Code).
+    """
     from lm_eval.tasks._yaml_loader import load_yaml
 
     yaml_path, over = task_overrides(name, data_dir, num_fewshot)
-    cfg = load_yaml(yaml_path, resolve_func=True) if yaml_path else {}
+    spec = get_task(name)
+    if yaml_path and spec.functions == "codeeval":
+        from .codeeval import REPLACEMENTS
+
+        cfg = _substitute_functions(load_yaml(yaml_path, resolve_func=False), REPLACEMENTS, yaml_path)
+    else:
+        cfg = load_yaml(yaml_path, resolve_func=True) if yaml_path else {}
     for key in ("tag", "group"):
         cfg.pop(key, None)
     cfg.update(over)
@@ -189,13 +214,17 @@ def export_task_yamls(
     out_dir: str | Path, data_dir: str | Path, names: Sequence[str] | None = None, num_fewshot: int | None = None
 ) -> list[Path]:
     """Write one YAML per task for ``lm_eval --include_path out_dir``: ``include:`` of lm-eval's own YAML plus
-    the local-data overrides. Tasks whose files are missing under ``data_dir`` are skipped when ``names`` is None."""
+    the local-data overrides. Tasks whose files are missing under ``data_dir`` are skipped when ``names`` is None,
+    and so are the code tasks (their lm-eval YAML cannot be loaded offline; named, they are an error)."""
     import yaml
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in names or list(TASKS):
+    for name in names or [n for n, t in TASKS.items() if t.functions is None]:
+        if TASKS.get(name) is not None and TASKS[name].functions is not None:
+            raise DataError(f"task {name}: lm-eval's own YAML for it imports a Hub download at load time; "
+                            "evaluate it with moelab eval (sandboxed pass@k), not through an exported YAML")
         try:
             yaml_path, over = task_overrides(name, data_dir, num_fewshot)
         except DataError:
@@ -226,7 +255,8 @@ def check_task_data(name: str, cfg: dict[str, Any], fewshot_flag: bool = False) 
     counts = {split: check_records(path, spec.fields) for split, path in files.items()}
     k = int(cfg.get("num_fewshot") or 0)
     split = _fewshot_split(cfg)
-    if k > 0 and split in counts:
+    fixed = (cfg.get("fewshot_config") or {}).get("samples") is not None  # exemplars given by the task (MBPP)
+    if k > 0 and split in counts and not fixed:
         eval_split = cfg.get("test_split") or cfg.get("validation_split")
         pool = counts[split] - (1 if split == eval_split else 0)
         if k > pool:

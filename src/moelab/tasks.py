@@ -2,10 +2,10 @@
 
 Each :class:`TaskSpec` says where the protocol comes from (lm-eval's own YAML, or a full definition for the synthetic
 tasks), where its splits live under a local data directory, the paper's few-shot count, which task *family* it
-belongs to (docs/paper.md §Questions and findings: memorization vs reasoning), the accuracy metric that plots and fits
-use, and, for tasks GRPO can train on, where the training prompts are. Every other list of tasks in moelab
-(evaluation, analysis families and primary metrics, GRPO tasks, CLI help, sweep-spec validation) derives from
-:data:`TASKS`; to add a task, add one entry here (docs/extending.md).
+belongs to (docs/paper.md §Questions and findings: memorization vs reasoning; §Evaluation: code), the accuracy
+metric that plots and fits use, and, for tasks GRPO can train on, where the training prompts are. Every other list
+of tasks in moelab (evaluation, analysis families and primary metrics, GRPO tasks, CLI help, sweep-spec validation)
+derives from :data:`TASKS`; to add a task, add one entry here (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ GSM_PROMPT = "Question: {question}\nAnswer:"  # lm-eval gsm8k's doc_to_text, zer
 _MATH = {"problem": str, "solution": str}
 _MATH_CONFIG = {"training_split": None}
 _QA = {"question": str, "answer": str}  # GSM8K-style records (and the synthetic tasks')
+# Published formats: openai/openai_humaneval and evalplus/humanevalplus; google-research-datasets/mbpp (full) and
+# evalplus/mbppplus (MBPP+ has "prompt" where MBPP has "text"; lm-eval's mbpp_plus reads either).
+_HUMANEVAL = {"task_id": str, "prompt": str, "canonical_solution": str, "test": str, "entry_point": str}
+_MBPP = {"task_id": int, "text": str, "code": str, "test_list": list}
+_MBPP_PLUS = {"task_id": int, "prompt": str, "code": str, "test_list": list}
 
 
 @dataclass(frozen=True)
@@ -60,13 +65,16 @@ class TaskSpec:
     GRPO reward kind (a key of ``moelab.rl.REWARDS``; "gsm8k" = lm-eval's GSM8K answer rules), ``qa_fields``: the
     record keys of a training/held-out question and its gold solution, ``grpo_prompt`` the zero-shot prompt GRPO
     writes for a question (``GRPOConfig.prompt_template`` overrides it).
+    ``gold_field``: for task loss, the record field holding the gold answer when lm-eval's target is something else
+    (code tasks: the target is the tests, the gold answer the reference solution). ``functions``: "codeeval" for the
+    code tasks, whose lm-eval ``utils.py`` cannot be imported offline (moelab.codeeval stands in, sandboxed).
     """
 
     name: str
     yaml: str | None  # lm-eval task YAML the protocol comes from; None: ``config`` is the whole definition
     files: dict[str, str]
     num_fewshot: int  # paper default (docs/paper.md §Evaluation)
-    family: str  # memorization | reasoning (| code)
+    family: str  # memorization | reasoning | code
     primary_metrics: tuple[str, ...]
     fewshot_only: tuple[str, ...] = ()
     fields: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
@@ -76,6 +84,8 @@ class TaskSpec:
     reward: str | None = None
     qa_fields: tuple[str, str] = ("question", "answer")
     grpo_prompt: str = GSM_PROMPT  # GRPO's zero-shot prompt (lm-eval's doc_to_text)
+    gold_field: str | None = None  # the record field task loss scores, where the target is not the answer (code)
+    functions: str | None = None  # "codeeval": the YAML's ``!function`` utils are moelab.codeeval.REPLACEMENTS
     about: str = ""
 
     @property
@@ -145,6 +155,26 @@ TASKS: dict[str, TaskSpec] = {
             "memorization", ("exact_match", "exact_match,remove_whitespace"), ("fewshot",), fields=_QA,
             config={**_SYNTHETIC_MEMORY, "test_split": "test", "training_split": "fewshot", "fewshot_split": "fewshot"},
             about="moelab.synthetic held-out people's attributes, exact match of the answer",
+        ),
+        TaskSpec(
+            "humaneval", "humaneval/humaneval.yaml", {"test": "humaneval/test"}, 0, "code", ("pass@1,create_test",),
+            fields=_HUMANEVAL, gold_field="canonical_solution", functions="codeeval",
+            about="HumanEval (164), greedy completion of the function, pass@1 of its unit tests (sandboxed)",
+        ),
+        TaskSpec(
+            "humaneval_plus", "humaneval/humaneval_plus.yaml", {"test": "humaneval_plus/test"}, 0, "code",
+            ("pass@1,create_test",), fields=_HUMANEVAL, gold_field="canonical_solution", functions="codeeval",
+            about="HumanEval+ (164, EvalPlus' extended tests), as humaneval",
+        ),
+        TaskSpec(
+            "mbpp", "mbpp/mbpp.yaml", {"test": "mbpp/test"}, 3, "code", ("pass_at_1",), fields=_MBPP,
+            gold_field="code", functions="codeeval",
+            about="MBPP full test (500), lm-eval's 3 fixed exemplars (tasks 2-4), pass@1 of the 3 asserts (sandboxed)",
+        ),
+        TaskSpec(
+            "mbpp_plus", "mbpp/mbpp_plus.yaml", {"test": "mbpp_plus/test"}, 3, "code", ("pass_at_1",),
+            fields=_MBPP_PLUS, gold_field="code", functions="codeeval",
+            about="MBPP+ (378), as mbpp; lm-eval scores its first 3 asserts (test_list), not EvalPlus' extra tests",
         ),
     ]
 }
