@@ -62,24 +62,25 @@ class CheckpointFormat(Protocol):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pack_state(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+def pack_state(obj: Any, name: str, tensors: dict[str, torch.Tensor], to_cpu: bool = True) -> Any:
     """A JSON-able copy of a nested state with every non-scalar tensor/array moved into ``tensors`` (by path name).
 
-    0-dim tensors (AdamW step counts) stay in the JSON with their dtype; tuples are tagged so they round-trip."""
+    0-dim tensors (AdamW step counts) stay in the JSON with their dtype; tuples are tagged so they round-trip.
+    ``to_cpu=False`` keeps the tensors themselves (DTensor shards on their device, for DCP)."""
     if isinstance(obj, torch.Tensor):
         if obj.dim() == 0:
             return {"__scalar__": obj.item(), "dtype": str(obj.dtype).removeprefix("torch.")}
-        tensors[name] = obj.detach().to("cpu").contiguous()
+        tensors[name] = obj.detach().to("cpu").contiguous() if to_cpu else obj
         return {"__tensor__": name}
     if isinstance(obj, np.ndarray):
         tensors[name] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui" else obj.copy())
         return {"__ndarray__": name, "dtype": str(obj.dtype)}
     if isinstance(obj, dict):
-        return {str(k): pack_state(v, f"{name}/{k}", tensors) for k, v in obj.items()}
+        return {str(k): pack_state(v, f"{name}/{k}", tensors, to_cpu) for k, v in obj.items()}
     if isinstance(obj, tuple):
-        return {"__tuple__": [pack_state(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]}
+        return {"__tuple__": [pack_state(v, f"{name}/{i}", tensors, to_cpu) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [pack_state(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]
+        return [pack_state(v, f"{name}/{i}", tensors, to_cpu) for i, v in enumerate(obj)]
     if isinstance(obj, np.generic):
         return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
