@@ -438,7 +438,7 @@ def _write_safetensors_streaming(path: Path, items: list[tuple[str, Any]]) -> No
             f.write(blob)
             for _, t in items:
                 data = t.read() if hasattr(t, "read") else t
-                f.write(data.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+                f.write(data.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # no copy: buffer protocol
 
     write_atomic(path, write)
 
