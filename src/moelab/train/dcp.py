@@ -45,7 +45,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..fileio import read_manifest, write_json_atomic
 from .distributed import rng_state
-from .formats import STATE_FORMAT, FullStateFormat, pack_state, unpack_state
+from .formats import FullStateFormat, pack_state, read_state_json, unpack_state
 
 STORAGE = "dcp-safetensors"
 SHARDS = "shards"
@@ -62,21 +62,6 @@ def tensor_groups(names: list[str]) -> dict[str, int]:
         m = _BLOCK.search(name)
         out[name] = int(m.group(1)) + 2 if m else 1
     return out
-
-
-def read_state_json(directory: Path) -> dict[str, Any]:
-    """``trainer_state.json`` of a checkpoint (either storage), checked for our format; one-line errors."""
-    state_file = directory / "trainer_state.json"
-    if not state_file.is_file():
-        raise CheckpointError(f"{state_file}: missing; {directory} is not a complete training checkpoint")
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{state_file}: invalid JSON ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        got = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{state_file}: unsupported format {got!r} (expected {STATE_FORMAT})")
-    return state
 
 
 def storage_of(directory: Path) -> str:

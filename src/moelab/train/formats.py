@@ -126,6 +126,22 @@ def export_model(model_sd: dict[str, torch.Tensor], cfg: ModelConfig, out: Path,
         copy_tokenizer_files(tokenizer_dir, out)
 
 
+def read_state_json(directory: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint (any storage format), checked for our format; one-line errors."""
+    state_file = directory / "trainer_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file}: missing; {directory} is not a complete training checkpoint")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_file}: invalid JSON ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{state_file}: unsupported format {got!r} (expected {STATE_FORMAT})")
+    return state
+
+
+
 class FullStateFormat:
     """The unsharded state on rank 0 (a collective gather under FSDP, ``torch.distributed.checkpoint.state_dict``
     with ``full_state_dict``), so a checkpoint does not depend on the world size that wrote it::
@@ -167,17 +183,10 @@ class FullStateFormat:
     def load(self, directory, model, optimizer, env) -> tuple[dict[str, Any], dict[str, Any]]:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        state_file = directory / "trainer_state.json"
-        for f in (state_file, *(directory / n for n in TRAINING_FILES[:2]), directory / "model.safetensors"):
+        for f in (*(directory / n for n in TRAINING_FILES[:2]), directory / "model.safetensors"):
             if not f.is_file():
                 raise CheckpointError(f"{f}: missing; {directory} is not a complete training checkpoint")
-        try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{state_file}: invalid JSON ({e})") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(f"{state_file}: unsupported format {got!r} (expected {STATE_FORMAT})")
+        state = read_state_json(directory)
         try:
             optim_sd = unpack_state(state.pop("optimizer"), load_file(str(directory / "optimizer.safetensors")))
             rng = unpack_state(state.pop("rng"), load_file(str(directory / "rng.safetensors")))
