@@ -157,8 +157,8 @@ def test_optimizer_and_rng_state_round_trip(tmp_path):
 
 
 def test_memory_estimate_is_sixteen_bytes_per_parameter_and_shards_with_fsdp(monkeypatch):
-    """fp32 weights + gradients + two AdamW moments; with FSDP the last three are split over the ranks, but every
-    rank still builds the whole fp32 model first, and all local ranks share the machine's RAM."""
+    """fp32 weights + gradients + two AdamW moments; with FSDP all four are split over the ranks (sharded
+    initialisation: no rank builds the whole model), and all local ranks share the machine's RAM."""
     cfg = ModelConfig(**MODEL)
     n = total_params(cfg)
     for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
@@ -168,7 +168,7 @@ def test_memory_estimate_is_sixteen_bytes_per_parameter_and_shards_with_fsdp(mon
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     fsdp = estimate_memory(cfg, TrainConfig(tpp=1, device="cpu", parallel="fsdp"))
-    assert fsdp.host_bytes == 4 * (4 * n + math.ceil(12 * n / 4))
+    assert fsdp.host_bytes == 4 * math.ceil(16 * n / 4)
     ddp = estimate_memory(cfg, TrainConfig(tpp=1, device="cpu"))
     assert ddp.host_bytes == 4 * 16 * n
 

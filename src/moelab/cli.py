@@ -294,6 +294,30 @@ def _run_train(a: argparse.Namespace) -> int:
 register("train", "pre-train a model from a config or preset (resumable, torchrun-aware)", _train_args, _run_train)
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a training run directory (moelab train --out)")
+    p.add_argument("--step", type=int, metavar="N", help="the checkpoint to export (default: the newest that verifies)")
+    p.add_argument("--out", metavar="DIR", help="the Hugging Face directory to create (must not exist)")
+
+
+def _run_export(a: argparse.Namespace) -> int:
+    if a.step is not None and a.step < 0:
+        raise MoelabError(f"export: --step must be >= 0 (got {a.step})")
+    if not a.out:
+        raise MoelabError("export: --out DIR is required")
+    from .train.export import export_run  # after the argument checks: importing torch takes seconds
+
+    result = export_run(a.run, a.out, a.step)
+    for name, reason in result.rejected:
+        print(f"moelab export: warning: {name}: {reason}; exported {result.checkpoint.name}", file=sys.stderr)
+    print(f"exported {result.checkpoint} → {result.out}")
+    return 0
+
+
+register("export", "write a run's checkpoint as a Hugging Face Mixtral directory (streams sharded checkpoints)",
+         _export_args, _run_export)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sweep (moelab.sweep)
 # ---------------------------------------------------------------------------------------------------------------

@@ -406,6 +406,9 @@ class TrainConfig(StrictModel):
     eval_per_source: bool = True  # also log val_loss/<source> when the mixture has several sources
     ckpt_every: NonNegativeInt = 1000  # steps between checkpoints; 0: only at the end (and on a clean stop)
     keep_last: NonNegativeInt = 3  # checkpoints kept on disk; 0 keeps all
+    # full: rank 0 writes the gathered state (HF Mixtral + safetensors); sharded: every rank writes its own shards
+    # (torch.distributed.checkpoint); auto: sharded when the run has more than one rank (docs/training.md)
+    ckpt_format: Literal["auto", "full", "sharded"] = "auto"
     seed: NonNegativeInt = 0  # model initialisation and torch/numpy/python RNGs (data order: data.seed)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast dtype; auto: bf16 on CUDA, fp32 on CPU

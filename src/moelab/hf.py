@@ -400,6 +400,76 @@ def write_checkpoint(
     return path
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32"}
+MAX_SHARD_BYTES = 2 << 30  # output safetensors files of at most 2 GiB (more: model-0000i-of-0000n + an index)
+
+
+def _write_safetensors_streaming(path: Path, items: list[tuple[str, Any]]) -> None:
+    """One safetensors file from (name, tensor or lazy slice) pairs, each read and written in turn, so only one
+    tensor is ever in memory. The layout is the format's specification (huggingface.co/docs/safetensors):
+    8-byte little-endian header length, a JSON header of dtype/shape/data_offsets (padded with spaces to a multiple
+    of 8 bytes), then the tensors' little-endian bytes in header order."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in items:
+        nbytes = math.prod(t.shape) * t.dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for _, t in items:
+                data = t.read() if hasattr(t, "read") else t
+                f.write(data.detach().to("cpu").contiguous().view(torch.uint8).numpy())  # no copy: buffer protocol
+
+    write_atomic(path, write)
+
+
+def write_checkpoint_streaming(
+    path: str | Path, cfg: ModelConfig, sd: dict[str, Any], fmt: str = "auto", max_shard_bytes: int = MAX_SHARD_BYTES
+) -> Path:
+    """Like :func:`write_checkpoint`, but ``sd``'s values may be lazy slices of a sharded checkpoint
+    (moelab.train.dcp.LazySlice: ``.shape``, ``.dtype``, indexing, ``.read()``): each output tensor is read, written
+    and dropped in turn, and the weights are split into files of at most ``max_shard_bytes`` (with
+    ``model.safetensors.index.json``) — peak memory is one tensor, whatever the model's size. Tensors keep their
+    stored dtype (fp32 for training checkpoints)."""
+    path = Path(path)
+    if fmt == "auto":
+        fmt = "mixtral" if mixtral_compatible(cfg) else "moelab"
+    dtype = next(iter(sd.values())).dtype
+    if fmt == "mixtral":
+        config, items = to_hf_config(cfg, dtype), list(to_hf_state_dict(cfg, sd))
+    else:
+        config, items = to_native_config(cfg, dtype), sorted(sd.items())
+    files: list[list[tuple[str, Any]]] = [[]]
+    size = 0
+    for name, t in items:
+        nbytes = math.prod(t.shape) * t.dtype.itemsize
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append((name, t))
+        size += nbytes
+    path.mkdir(parents=True, exist_ok=True)
+    if len(files) == 1:
+        _write_safetensors_streaming(path / WEIGHTS_NAME, files[0])
+    else:
+        weight_map = {}
+        for i, group in enumerate(files, start=1):
+            fname = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            _write_safetensors_streaming(path / fname, group)
+            weight_map.update({name: fname for name, _ in group})
+        total = sum(math.prod(t.shape) * t.dtype.itemsize for _, t in items)
+        write_json_atomic(path / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json_atomic(path / "config.json", config)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer files beside the weights
 # ----------------------------------------------------------------------------------------------------------------

@@ -122,18 +122,19 @@ def host_memory_limit() -> int | None:
 
 def estimate_memory(model: ModelConfig, t: TrainConfig) -> MemoryEstimate:
     """The lower bound of :class:`MemoryEstimate` for this process's machine (world size from torchrun's
-    ``WORLD_SIZE`` / ``LOCAL_WORLD_SIZE``). Every rank builds the whole fp32 model on the CPU before moving or
-    sharding it; with ``parallel: fsdp`` gradients and AdamW state are then split over the ranks."""
+    ``WORLD_SIZE`` / ``LOCAL_WORLD_SIZE``). The model is built on the meta device and each rank materialises only
+    its own shards on its device (moelab.train.init), so with ``parallel: fsdp`` weights, gradients and AdamW state
+    are all split over the ranks, and a CUDA run keeps nothing of them on the host."""
     n = total_params(model)
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     shards = world if (world > 1 and t.parallel == "fsdp") else 1
-    state = 4 * n + math.ceil((BYTES_PER_PARAM - 4) * n / shards)
+    state = math.ceil(BYTES_PER_PARAM * n / shards)
     use_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
     device_limit = None
     if use_cuda and torch.cuda.is_available():
         device_limit = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
-    host = local * (4 * n if use_cuda else state)
+    host = 0 if use_cuda else local * state
     return MemoryEstimate(n, host, state if use_cuda else 0, host_memory_limit(), device_limit)
 
 

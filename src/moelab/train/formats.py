@@ -62,24 +62,25 @@ class CheckpointFormat(Protocol):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pack_state(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+def pack_state(obj: Any, name: str, tensors: dict[str, torch.Tensor], to_cpu: bool = True) -> Any:
     """A JSON-able copy of a nested state with every non-scalar tensor/array moved into ``tensors`` (by path name).
 
-    0-dim tensors (AdamW step counts) stay in the JSON with their dtype; tuples are tagged so they round-trip."""
+    0-dim tensors (AdamW step counts) stay in the JSON with their dtype; tuples are tagged so they round-trip.
+    ``to_cpu=False`` keeps the tensors themselves (DTensor shards on their device, for DCP)."""
     if isinstance(obj, torch.Tensor):
         if obj.dim() == 0:
             return {"__scalar__": obj.item(), "dtype": str(obj.dtype).removeprefix("torch.")}
-        tensors[name] = obj.detach().to("cpu").contiguous()
+        tensors[name] = obj.detach().to("cpu").contiguous() if to_cpu else obj
         return {"__tensor__": name}
     if isinstance(obj, np.ndarray):
         tensors[name] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "ui" else obj.copy())
         return {"__ndarray__": name, "dtype": str(obj.dtype)}
     if isinstance(obj, dict):
-        return {str(k): pack_state(v, f"{name}/{k}", tensors) for k, v in obj.items()}
+        return {str(k): pack_state(v, f"{name}/{k}", tensors, to_cpu) for k, v in obj.items()}
     if isinstance(obj, tuple):
-        return {"__tuple__": [pack_state(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]}
+        return {"__tuple__": [pack_state(v, f"{name}/{i}", tensors, to_cpu) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [pack_state(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]
+        return [pack_state(v, f"{name}/{i}", tensors, to_cpu) for i, v in enumerate(obj)]
     if isinstance(obj, np.generic):
         return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -125,6 +126,22 @@ def export_model(model_sd: dict[str, torch.Tensor], cfg: ModelConfig, out: Path,
         copy_tokenizer_files(tokenizer_dir, out)
 
 
+def read_state_json(directory: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint (any storage format), checked for our format; one-line errors."""
+    state_file = directory / "trainer_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file}: missing; {directory} is not a complete training checkpoint")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_file}: invalid JSON ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{state_file}: unsupported format {got!r} (expected {STATE_FORMAT})")
+    return state
+
+
+
 class FullStateFormat:
     """The unsharded state on rank 0 (a collective gather under FSDP, ``torch.distributed.checkpoint.state_dict``
     with ``full_state_dict``), so a checkpoint does not depend on the world size that wrote it::
@@ -166,17 +183,10 @@ class FullStateFormat:
     def load(self, directory, model, optimizer, env) -> tuple[dict[str, Any], dict[str, Any]]:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        state_file = directory / "trainer_state.json"
-        for f in (state_file, *(directory / n for n in TRAINING_FILES[:2]), directory / "model.safetensors"):
+        for f in (*(directory / n for n in TRAINING_FILES[:2]), directory / "model.safetensors"):
             if not f.is_file():
                 raise CheckpointError(f"{f}: missing; {directory} is not a complete training checkpoint")
-        try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{state_file}: invalid JSON ({e})") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(f"{state_file}: unsupported format {got!r} (expected {STATE_FORMAT})")
+        state = read_state_json(directory)
         try:
             optim_sd = unpack_state(state.pop("optimizer"), load_file(str(directory / "optimizer.safetensors")))
             rng = unpack_state(state.pop("rng"), load_file(str(directory / "rng.safetensors")))

@@ -26,7 +26,7 @@ from ..accounting import human_count
 from ..config import RunConfig
 from ..errors import CheckpointError, ConfigError
 from ..fileio import write_text_atomic
-from ..model import MoETransformer, load_imbalance
+from ..model import load_imbalance
 from .budget import Budget, check_memory, lr_at, resolve_budget
 from .callbacks import CallbackList, TrainContext
 from .checkpoint import CheckpointStore, Selection, step_dir_name
@@ -34,9 +34,11 @@ from .data_prep import check_sources, prepare_data, train_sampler, unigram_entro
 from .distributed import (
     DistEnv, autocast_dtype, seed_everything, set_rng_state, setup_distributed, teardown_distributed,
 )
+from .dcp import ShardedFormat, format_for
 from .formats import STATE_FORMAT, FullStateFormat
+from .init import build_model
 from .metrics import MetricsLog, RunRecord, now, read_metrics, report
-from .optim import build_optimizer, wrap_model
+from .optim import build_optimizer
 from .presets import load_config
 from .rundir import OutDir, check_out_dir, clear_failed_run, create_out_dir, resume_target
 from .step import Diverged, TrainingDivergedError, check_finite_params, evaluate, train_step
@@ -240,15 +242,14 @@ class _Trainer:
         cfg, t, env, budget = self.cfg, self.t, self.env, self.budget
         ds, tok_dir = prepare_data(cfg, self.run_dir, self.base_dir, env, self.progress)
         seed_everything(t.seed)
-        self.model = MoETransformer(cfg.model)
-        self.model.to(env.device)
-        self.wrapped = wrap_model(self.model, t, env)
+        self.model, self.wrapped = build_model(cfg, t, env)  # meta → shard → materialise this rank's shards
         self.optimizer = build_optimizer(self.model, t, env.device)
         self.sampler = train_sampler(ds, cfg, env)
-        self.format = FullStateFormat(cfg.model, tok_dir)
+        sharded = t.ckpt_format == "sharded" or (t.ckpt_format == "auto" and env.world_size > 1)
+        self.format = (ShardedFormat if sharded else FullStateFormat)(cfg.model, tok_dir)
         self.start_step = 0
-        if ckpt is not None:
-            state, rng = self.format.load(ckpt, self.wrapped, self.optimizer, env)
+        if ckpt is not None:  # read in the checkpoint's own format, whatever this run writes
+            state, rng = format_for(ckpt, cfg.model, tok_dir).load(ckpt, self.wrapped, self.optimizer, env)
             self.start_step = int(state["step"])
             if (state["total_steps"], state["tokens_per_step"]) != (budget.total_steps, budget.tokens_per_step):
                 raise CheckpointError(
