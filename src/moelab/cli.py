@@ -176,47 +176,20 @@ def _run_plan_spec(a: argparse.Namespace) -> int:
 
 
 def _spec_layouts(a: argparse.Namespace, plans: list) -> list:
-    """The layout plan of each distinct model of a sweep, at its run's seq_len, global batch and dtype."""
-    from .config import ModelConfig
-    from .layout import plan_layout
+    from .layout import plan_runs_layouts
 
     if a.global_batch is not None or a.dtype != "bfloat16":
         raise MoelabError("plan: --global-batch and --dtype cannot be combined with a spec (edit the spec instead)")
-    out, seen = [], set()
-    for p in plans:
-        if p.name in seen:
-            continue
-        seen.add(p.name)
-        t = p.config["train"]
-        dtype = "float32" if t.get("dtype") == "float32" else "bfloat16"
-        cfg = ModelConfig.parse(p.config["model"], where=f"run {p.run_id}: model")
-        out.append(plan_layout(cfg, a.gpus, int(a.gpu_memory_gb * 1e9), seq_len=t.get("seq_len", 4096),
-                               global_batch=t.get("global_batch", 1024), dtype=dtype, layout=a.layout,
-                               where=f"plan: run {p.run_id}"))
-    return out
+    return plan_runs_layouts(plans, a.gpus, int(a.gpu_memory_gb * 1e9), a.layout)
 
 
 def _print_layouts(a: argparse.Namespace, plans: list) -> int:
+    from .layout import print_layout_table
+
     if a.json:
         print(json.dumps([p.to_dict() for p in plans], indent=1))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    gb = lambda n: f"{n / 1e9:.1f}"  # noqa: E731
-    t = Table(title=f"{len(plans)} model(s) on {a.gpus} × {a.gpu_memory_gb:g} GB: per-GPU memory (GB)")
-    cols = ("name", "layout", "micro-batch", "accum", "ckpt", "weights", "grads", "Adam", "gathered", "act",
-            "act (ckpt)", "peak", "peak (no ckpt)", "peak (ckpt)")
-    for col in cols:
-        t.add_column(col, justify="right")
-    for p in plans:
-        m = p.memory
-        t.add_row(p.name, p.layout, str(p.micro_batch), str(p.grad_accum), "yes" if p.activation_checkpointing else
-                  "no", gb(m.params), gb(m.grads), gb(m.optimizer), gb(m.gathered), gb(m.activations),
-                  gb(m.activations_ckpt), gb(p.total_bytes), gb(p.total_bytes_no_ckpt), gb(p.total_bytes_ckpt))
-    Console(width=220).print(t)
-    print(f"peak = weights + Adam + gathered + activations and gradients (both live only when micro-batches "
-          f"accumulate); {plans[0].usable_bytes / 1e9:.3g} GB usable of each GPU (10 % kept free)")
+    else:
+        print_layout_table(plans, a.gpus, a.gpu_memory_gb)
     return 0
 
 

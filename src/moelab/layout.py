@@ -276,3 +276,45 @@ def plan_layout(
         f"{usable / 1e9:.3g} GB usable ({int(HEADROOM * 100)} % kept free)"
     )
 
+
+
+def plan_runs_layouts(runs: list, gpus: int, gpu_memory_bytes: int, layout: str = "auto") -> list[LayoutPlan]:
+    """:func:`plan_layout` for each distinct model of a sweep's runs (:class:`moelab.sweep.plan.RunPlan`), at its
+    run's seq_len, global batch and dtype (``float32`` when the run says so, else bf16)."""
+    from .config import ModelConfig
+
+    out, seen = [], set()
+    for r in runs:
+        if r.name in seen:
+            continue
+        seen.add(r.name)
+        t = r.config["train"]
+        cfg = ModelConfig.parse(r.config["model"], where=f"run {r.run_id}: model")
+        out.append(plan_layout(cfg, gpus, gpu_memory_bytes, seq_len=t.get("seq_len", 4096),
+                               global_batch=t.get("global_batch", 1024),
+                               dtype="float32" if t.get("dtype") == "float32" else "bfloat16", layout=layout,
+                               where=f"plan: run {r.run_id}"))
+    return out
+
+
+def print_layout_table(plans: list[LayoutPlan], gpus: int, gpu_memory_gb: float) -> None:
+    """The table `moelab plan ... --gpus N --gpu-memory-gb M` prints (GB per GPU)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def gb(n: int) -> str:
+        return f"{n / 1e9:.1f}"
+
+    t = Table(title=f"{len(plans)} model(s) on {gpus} × {gpu_memory_gb:g} GB: per-GPU memory (GB)")
+    cols = ("name", "layout", "micro-batch", "accum", "ckpt", "weights", "grads", "Adam", "gathered", "act",
+            "act (ckpt)", "peak", "peak (no ckpt)", "peak (ckpt)")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for p in plans:
+        m = p.memory
+        t.add_row(p.name, p.layout, str(p.micro_batch), str(p.grad_accum), "yes" if p.activation_checkpointing else
+                  "no", gb(m.params), gb(m.grads), gb(m.optimizer), gb(m.gathered), gb(m.activations),
+                  gb(m.activations_ckpt), gb(p.total_bytes), gb(p.total_bytes_no_ckpt), gb(p.total_bytes_ckpt))
+    Console(width=220).print(t)
+    print(f"peak = weights + Adam + gathered + activations and gradients (both live only when micro-batches "
+          f"accumulate); {plans[0].usable_bytes / 1e9:.3g} GB usable of each GPU ({int(HEADROOM * 100)} % kept free)")
