@@ -62,20 +62,35 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--train-tokens", type=float, help="token budget (default 125e9, the paper's)")
     budget.add_argument("--tpp", type=float, help="token budget as tokens per total parameter")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    mem = p.add_argument_group("memory and layout (docs/training.md §Memory planner)")
+    mem.add_argument("--gpus", type=int, help="plan the per-GPU memory, layout and micro-batch on this many GPUs")
+    mem.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GB (1e9 bytes)")
+    mem.add_argument("--layout", default="auto", choices=["auto", "fsdp", "fsdp_ep", "pp_ep"],
+                     help="force a layout (default: the first of fsdp, fsdp_ep, pp_ep that fits)")
+    mem.add_argument("--global-batch", type=int,
+                     help="sequences per optimizer step without a SPEC (default 1024, the paper's)")
+    mem.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                     help="compute dtype without a SPEC (default: %(default)s)")
 
 
 def _check_plan_flags(a: argparse.Namespace) -> None:
     """Every numeric flag of ``plan`` in range before any accounting (nan, inf, 0 and negatives are refused)."""
     import math
 
-    for flag in ("d_model", "layers", "heads", "kv_heads", "ffn_hidden", "experts", "top_k", "vocab_size", "seq_len"):
+    for flag in ("d_model", "layers", "heads", "kv_heads", "ffn_hidden", "experts", "top_k", "vocab_size", "seq_len",
+                 "gpus", "global_batch"):
         v = getattr(a, flag)
         if v is not None and v < 1:
             raise MoelabError(f"plan: --{flag.replace('_', '-')} must be a positive integer (got {v})")
-    for flag in ("train_tokens", "tpp", "flops_per_second"):
+    for flag in ("train_tokens", "tpp", "flops_per_second", "gpu_memory_gb"):
         v = getattr(a, flag)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise MoelabError(f"plan: --{flag.replace('_', '-')} must be a positive finite number (got {v})")
+    if (a.gpus is None) != (a.gpu_memory_gb is None):
+        raise MoelabError("plan: --gpus and --gpu-memory-gb go together")
+    if a.gpus is None and (a.layout != "auto" or a.global_batch is not None):
+        flag = "layout" if a.layout != "auto" else "global-batch"
+        raise MoelabError(f"plan: --{flag} needs --gpus and --gpu-memory-gb")
 
 
 def _run_plan(a: argparse.Namespace) -> int:
@@ -100,6 +115,12 @@ def _run_plan(a: argparse.Namespace) -> int:
                       ffn_hidden=a.ffn_hidden, n_experts=a.experts, top_k=a.top_k, vocab_size=a.vocab_size,
                       max_seq_len=a.seq_len)
         configs = [ModelConfig.parse(fields, where="plan")]
+    if a.gpus is not None:
+        from .layout import plan_layout
+
+        gb = a.global_batch or 1024
+        return _print_layouts(a, [plan_layout(c, a.gpus, int(a.gpu_memory_gb * 1e9), seq_len=a.seq_len,
+                                              global_batch=gb, dtype=a.dtype, layout=a.layout) for c in configs])
     tokens = a.train_tokens if a.train_tokens is not None else (None if a.tpp is not None else PAPER_TRAIN_TOKENS)
     plans = []
     for c in configs:
@@ -145,6 +166,8 @@ def _run_plan_spec(a: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"estimate": EstimateSpec(flops_per_second=a.flops_per_second)})
     check_stage_commands(spec, None, _parsers())
     plans = plan_sweep(spec)
+    if a.gpus is not None:
+        return _print_layouts(a, _spec_layouts(a, plans))
     if a.json:
         print(json.dumps(plan_rows(plans), indent=1, default=str))
         note = trust_note(spec)
@@ -152,6 +175,24 @@ def _run_plan_spec(a: argparse.Namespace) -> int:
             print(f"moelab: {note}", file=sys.stderr)
     else:
         print_sweep_plan(spec, plans)
+    return 0
+
+
+def _spec_layouts(a: argparse.Namespace, plans: list) -> list:
+    from .layout import plan_runs_layouts
+
+    if a.global_batch is not None or a.dtype != "bfloat16":
+        raise MoelabError("plan: --global-batch and --dtype cannot be combined with a spec (edit the spec instead)")
+    return plan_runs_layouts(plans, a.gpus, int(a.gpu_memory_gb * 1e9), a.layout)
+
+
+def _print_layouts(a: argparse.Namespace, plans: list) -> int:
+    from .layout import print_layout_table
+
+    if a.json:
+        print(json.dumps([p.to_dict() for p in plans], indent=1))
+    else:
+        print_layout_table(plans, a.gpus, a.gpu_memory_gb)
     return 0
 
 

@@ -378,6 +378,18 @@ class SyntheticConfig(StrictModel):
 # One pre-training run (moelab.train): model + data + optimizer/schedule/budget/checkpointing, as one YAML file.
 
 
+class WandbConfig(StrictModel):
+    """Weights & Biases logging beside TensorBoard (``train.wandb``; needs the ``wandb`` extra; docs/training.md
+    §Experiment tracking). The run's config is logged once; every metrics.jsonl line is mirrored."""
+
+    project: str = "moelab"
+    entity: str | None = None  # team or user; None: the logged-in default
+    name: str | None = None  # display name; None: the run directory's name
+    group: str | None = None  # e.g. a sweep's name, to see its runs together
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] | None = None  # None: wandb's default (WANDB_MODE, else online)
+
+
 class TrainConfig(StrictModel):
     """Optimizer, schedule, budget and bookkeeping of a pre-training run (docs/paper.md §Training).
 
@@ -418,6 +430,7 @@ class TrainConfig(StrictModel):
     # model.n_experts); 1: every rank holds every expert
     expert_parallel: PositiveInt = 1
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    wandb: WandbConfig | None = None  # also log to Weights & Biases (rank 0)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

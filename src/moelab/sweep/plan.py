@@ -94,10 +94,11 @@ def derive_model(spec: SweepSpecBase, pt: dict[str, Any], where: str) -> ModelCo
 
 def config_hash(rc: RunConfig) -> str:
     """Hash of what determines a run's result: the config without defaults (so new trainer options with defaults
-    keep old run ids) and without execution-only settings (cache dir, tokenizer worker count)."""
+    keep old run ids) and without execution-only settings (cache dir, tokenizer worker count, W&B logging)."""
     d = rc.model_dump(mode="json", exclude_defaults=True)
     for key in ("cache_dir", "num_workers"):
         d.get("data", {}).pop(key, None)
+    d.get("train", {}).pop("wandb", None)
     return stable_hash(d)
 
 

@@ -39,6 +39,7 @@ from .formats import STATE_FORMAT, FullStateFormat
 from .init import build_model
 from .metrics import MetricsLog, RunRecord, now, read_metrics, report
 from .optim import build_optimizer
+from .tracking import check_tracking
 from .presets import load_config
 from .rundir import OutDir, check_out_dir, clear_failed_run, create_out_dir, resume_target
 from .step import Diverged, TrainingDivergedError, check_finite_params, evaluate, train_step
@@ -82,6 +83,7 @@ def train(
     base = Path(base_dir or Path.cwd()).resolve()
     budget = resolve_budget(config)
     check_memory(config.model, config.train)
+    check_tracking(config.train)
     check_sources(config, base)
     out = check_out_dir(Path(out_dir).resolve())
     create_out_dir(out.path)
@@ -106,6 +108,7 @@ def resume(
         return TrainResult(run_dir, "completed", info.get("step"), total, info.get("val_loss"), run_dir / "final")
     budget = resolve_budget(cfg)
     check_memory(cfg.model, cfg.train)
+    check_tracking(cfg.train)
     check_sources(cfg, base_dir)
     return _run(cfg, budget, OutDir(run_dir, None), base_dir, True, stop_after_steps, progress, callbacks)
 
@@ -267,7 +270,7 @@ class _Trainer:
             self.record.update(
                 baselines={"unigram_entropy": unigram_entropy(ds), "uniform": math.log(ds.tokenizer.vocab_size)}
             )
-        self.metrics = MetricsLog(self.run_dir, self.start_step if resuming else None, env.main)
+        self.metrics = MetricsLog(self.run_dir, self.start_step if resuming else None, env.main, self.cfg)
 
     def _banner(self) -> None:
         cfg, budget, env = self.cfg, self.budget, self.env

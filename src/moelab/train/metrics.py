@@ -1,4 +1,5 @@
-"""What a run reports: ``RUN/metrics.jsonl`` (+ TensorBoard), ``RUN/run.json``, and the console lines."""
+"""What a run reports: ``RUN/metrics.jsonl`` (+ TensorBoard, + W&B with ``train.wandb``), ``RUN/run.json``, and the
+console lines."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 from ..accounting import human_count
 from ..artifacts import metrics_line, read_metrics, write_metrics, write_run_json
 from ..artifacts import read_run_json as read_run_record  # the trainer's name for it
+from ..config import RunConfig
 from .budget import Budget
 from .distributed import DistEnv
+from .tracking import tracking_scalars
 
 TIMING_KEYS = ("tokens_per_s", "tflops")  # metrics that depend on wall-clock time (everything else is exact)
 
@@ -25,9 +28,10 @@ class MetricsLog:
     On resume from step ``s`` the file is first rewritten (atomically) without lines for steps > ``s`` and without a
     torn last line, and TensorBoard purges events after ``s``, so both equal an uninterrupted run's."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
+    def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool, cfg: RunConfig | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
         if not enabled:
             return
         if resume_step is not None:
@@ -36,27 +40,28 @@ class MetricsLog:
         from torch.utils.tensorboard import SummaryWriter  # slow to import: only when a run starts
 
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step is not None else None)
+        if cfg is not None and cfg.train.wandb is not None:
+            from .tracking import WandbLog
+
+            self.wandb = WandbLog(run_dir, cfg)
 
     def write(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.file.write(metrics_line(rec))
         self.file.flush()
-        step = rec["step"]
-        for k, v in rec.items():
-            if k == "step":
-                continue
-            if isinstance(v, list):
-                for i, x in enumerate(v):
-                    self.tb.add_scalar(f"{k}/layer_{i}", x, step)
-            elif isinstance(v, (int, float)):
-                self.tb.add_scalar(k if k.startswith("val_loss") else f"train/{k}", v, step)
+        for tag, v in tracking_scalars(rec).items():
+            self.tb.add_scalar(tag, v, rec["step"])
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(rec)
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.close()
 
 
 class RunRecord:
