@@ -151,7 +151,7 @@ def test_study_chance_reads_a_task_set_manifest(tmp_path):
     import yaml
 
     import moelab
-    from moelab.report.build import study_chance
+    from moelab.chance import study_chance
     from moelab.sweep.paths import expand
     from moelab.sweep.spec import load_spec
 

@@ -18,8 +18,8 @@ from .runs import StudyRun, _find, _num, load_study
 
 # The task families and each task's primary metric come from the task registry (moelab.tasks).
 FAMILIES: dict[str, tuple[str, ...]] = families()
-# Targets the law can be fitted to: the two families' mean error rate, and the validation loss.
-TARGETS: tuple[str, ...] = ("memorization", "reasoning", "loss")
+# Targets the law can be fitted to: each family's mean error rate, and the validation loss.
+TARGETS: tuple[str, ...] = (*FAMILIES, "loss")
 TRAIN_LOSS_WINDOW = 10  # final train loss = mean lm_loss over the last this-many logged steps (mini-batch noise)
 LN2 = math.log(2.0)
 
@@ -221,6 +221,8 @@ def add_study_columns(df: pd.DataFrame) -> pd.DataFrame:
     tasks = tasks_in(df)
     for fam, members in FAMILIES.items():
         present = [t for t in members if t in tasks]
+        if not present:  # a family this study did not evaluate gets no column (the demo has no code tasks)
+            continue
         evaluated = done & df[[f"err.{t}" for t in present]].notna().any(axis=1) if present else done & False
         common = [t for t in present if df.loc[evaluated, f"err.{t}"].notna().all()] if evaluated.any() else []
         df[f"err.{fam}"] = df[[f"err.{t}" for t in common]].mean(axis=1, skipna=False) if common else np.nan

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,6 +19,7 @@ from ..analysis import (
     tasks_in,
     write_table,
 )
+from ..chance import study_chance
 from ..claims import claims_html, evaluate_claims
 from ..fileio import write_atomic, write_json_atomic, write_text_atomic
 from . import figures as rf
@@ -28,48 +29,19 @@ from .page import _html
 from .plotting import Figure
 
 
-def study_chance(study: Path) -> dict[str, float] | None:
-    """Guessing accuracy per task for a synthetic task-set study (moelab.synthetic_tasks states it exactly in its
-    manifest: 1/|V_a| per memory item, 1/p per reasoning problem), None for any other study. The data directory is
-    found as ``moelab demo`` finds it (the spec's ``synthetic_root``); with ``eval.limit`` only the first ``limit``
-    memory items count, as ``moelab eval --limit`` scores them (moelab.demo.chance_baselines computes the same;
-    the report cannot import moelab.demo, which imports the report)."""
-    from ..errors import MoelabError
-    from ..sweep.paths import expand
-    from ..sweep.spec import load_spec
-    from ..synthetic_tasks import TaskSetConfig
-
-    if not (study / "spec.yaml").is_file():
-        return None
-    try:
-        spec = load_spec(study / "spec.yaml")
-    except MoelabError:
-        return None  # a study whose spec this version cannot read still gets its report, without baselines
-    if not isinstance(getattr(spec, "synthetic", None), TaskSetConfig):
-        return None
-    data = Path(expand(spec.synthetic_root(), {"STUDY": str(study.resolve())})) / "synthetic"
-    if not (data / "manifest.json").is_file():
-        return None
-    chance = {t: float(v) for t, v in json.loads((data / "manifest.json").read_text())["chance"].items()}
-    limit = spec.eval.limit if spec.eval else None
-    if limit is not None and (data / "synthetic_memory.jsonl").is_file():
-        with open(data / "synthetic_memory.jsonl", encoding="utf-8") as f:
-            bits = [json.loads(line)["bits"] for line, _ in zip(f, range(limit))]
-        chance["synthetic_memory"] = sum(2.0**-b for b in bits) / max(1, len(bits))
-    return chance
-
-
 def make_report(
     study: str | Path,
     n_boot: int = 300,
     seed: int = 0,
     weights: dict[str, float] | None = None,
     after_claims: Sequence[str] = (),
+    laws: bool = True,
 ) -> Path:
     """Write ``STUDY/report/`` (index.html, PNGs, optimal.csv, fits.json) and refresh ``STUDY/analysis/``.
 
-    ``after_claims``: HTML sections placed right after the claims (the place for "Fitted scaling laws",
-    moelab.laws)."""
+    ``laws``: right after the claims, the published scaling laws fitted to the study (moelab.laws.report_section;
+    at most 100 bootstrap refits, the MoE joint law's fit being the costly one), or the reason a law cannot be
+    fitted. ``after_claims``: further HTML sections placed after those."""
     study = Path(study)
     df = build_table(study)
     done = completed_runs(df, study)
@@ -111,10 +83,15 @@ def make_report(
     fits_json = {t: f.summary() for t, f in fits.items()}
     write_json_atomic(out / "fits.json", fits_json, indent=1)
     claims = claims_html(evaluate_claims(df, chance=study_chance(study)))
-    page = _html(study, df, fits, opt, figures, findings, weights, shift, claims, after_claims)
+    sections = list(after_claims)
+    if laws:
+        from ..laws.report_section import laws_section
+
+        sections.insert(0, laws_section(df, out, n_boot=min(n_boot, 100), seed=seed))
+    page = _html(study, df, fits, opt, figures, findings, weights, shift, claims, sections)
     write_text_atomic(out / "index.html", page)
     # a figure from an earlier report whose data is gone must not linger beside the new page
-    current = {f.file for f in figures}
+    current = {f.file for f in figures} | set(re.findall(r"src='([^'/]+\.png)'", "".join(sections)))
     for old in out.glob("*.png"):
         if old.name not in current:
             old.unlink()
