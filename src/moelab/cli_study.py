@@ -42,13 +42,16 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="objective weights for the per-budget recommendation, e.g. "
                    "memorization=0.5,reasoning=0.5 (default: families weighted equally)")
     _fit_args(p)
+    p.add_argument("--no-laws", action="store_true",
+                   help="leave out the fitted published scaling laws (the costliest part on a large study)")
 
 
 def _run_report(a: argparse.Namespace) -> int:
     from .analysis import parse_weights
     from .report import make_report
 
-    path = make_report(a.study, n_boot=a.n_boot, seed=a.seed, weights=parse_weights(a.weights) if a.weights else None)
+    weights = parse_weights(a.weights) if a.weights else None
+    path = make_report(a.study, n_boot=a.n_boot, seed=a.seed, weights=weights, laws=not a.no_laws)
     print(f"report -> {path}")
     return 0
 
