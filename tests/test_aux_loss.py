@@ -23,9 +23,6 @@ can flip between the compared computations.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +33,7 @@ from moelab.model import MoETransformer
 from moelab.train import apply_activation_checkpointing
 
 from routerlib import assert_router_margin
+from trainkit import run_two_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -143,11 +141,7 @@ def test_one_process_global_batch_is_micro_batch():
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist_aux")
     worker = Path(__file__).parent / "dist_aux_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           str(out)]
-    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return run_two_ranks(worker, out)
 
 
 def ranks(out: Path, scope: str, ckpt: bool, parallel: str = "ddp") -> list[dict]:

@@ -15,9 +15,6 @@ wrong rank, a shard's gradient not averaged, the regrouping off by one) moves lo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ import torch
 
 from moelab.config import ModelConfig
 from moelab.model import MoETransformer
+from trainkit import run_two_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -70,11 +68,7 @@ def reference(backend: str) -> dict:
 def two_ranks(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ep")
     worker = Path(__file__).parent / "ep_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           str(out)]
-    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+    return run_two_ranks(worker, out)
 
 
 def test_test_batch_routes_unevenly_and_clear_of_ties():
