@@ -6,6 +6,7 @@ thread and the process CPU clock (benchlib), with the numerics checked before a 
     python benchmarks/tiny_levers.py compile              # per-block torch.compile vs eager: compile cost, step time
     python benchmarks/tiny_levers.py multi                # N models in one process: startup saved, vmap batching
     python benchmarks/tiny_levers.py malloc               # glibc malloc defaults vs tuned (user + system CPU)
+    python benchmarks/tiny_levers.py loss                 # the head + cross-entropy: F.cross_entropy vs two rewrites
     python benchmarks/tiny_levers.py all
 
 The step is ``moelab.train``'s: forward with targets, backward, clip, fused AdamW, zero_grad. ``--data DIR`` (a
@@ -271,9 +272,60 @@ def lever_malloc(args) -> dict:
     return {"default_user_sys_s": med["default"], "tuned_user_sys_s": med["tuned"], "speedup": ratio}
 
 
+class _SoftmaxGradCE(torch.autograd.Function):
+    """Mean cross-entropy whose gradient, softmax - one-hot, is computed in the forward pass (one exp pass; no
+    log-softmax backward, no zero-filled nll gradient): the rewrite a profile of the head suggests."""
+
+    @staticmethod
+    def forward(ctx, logits_NV: torch.Tensor, y_N: torch.Tensor) -> torch.Tensor:
+        n = y_N.numel()
+        lse_N = torch.logsumexp(logits_NV, -1)
+        loss = (lse_N - logits_NV.gather(1, y_N[:, None]).squeeze(1)).mean()
+        g_NV = torch.exp(logits_NV - lse_N[:, None]).div_(n)
+        g_NV.scatter_add_(1, y_N[:, None], g_NV.new_full((n, 1), -1.0 / n))
+        ctx.save_for_backward(g_NV)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        (g_NV,) = ctx.saved_tensors
+        return g_NV * g, None
+
+
+def lever_loss(args) -> dict:
+    """The model's head and loss alone (lm_head matmul, fp32 cross-entropy, backward into both) on the demo's shape:
+    ``F.cross_entropy`` (moelab.model) against logsumexp - gather and :class:`_SoftmaxGradCE`; gradients checked
+    equal first."""
+    import torch.nn.functional as F
+
+    n, d, v = args.batch * args.seq, args.d, 512
+    g = torch.Generator().manual_seed(0)
+    w_VD = torch.randn(v, d, generator=g, requires_grad=True)
+    h_ND, y_N = torch.randn(n, d, generator=g), torch.randint(0, v, (n,), generator=g)
+    losses = {"F.cross_entropy": lambda z: F.cross_entropy(z, y_N),
+              "logsumexp - gather": lambda z: (z.logsumexp(-1) - z.gather(1, y_N[:, None]).squeeze(1)).mean(),
+              "softmax-grad Function": lambda z: _SoftmaxGradCE.apply(z, y_N)}
+
+    def step(loss_fn):
+        h = h_ND.clone().requires_grad_()
+        loss_fn(h @ w_VD.t()).backward()
+        return h.grad
+
+    ref = step(losses["F.cross_entropy"])
+    for name, fn in losses.items():
+        err = (step(fn) - ref).abs().max().item()
+        assert err < 1e-6, f"{name}: gradient differs from F.cross_entropy by {err}"
+    times = interleaved_times({k: (lambda f=f: step(f)) for k, f in losses.items()}, args.rounds * 5, args.warmup,
+                              clock="cpu", progress=False)
+    res = {k: summary(ts)["median_ms"] for k, ts in times.items()}
+    print(f"\nhead + loss, {n} x {d} -> {v}, forward + backward (CPU ms, median of {args.rounds * 5}): "
+          + ", ".join(f"{k} {ms:.2f}" for k, ms in res.items()))
+    return {"ms": res, "speedup_vs_F": {k: res["F.cross_entropy"] / ms for k, ms in res.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("lever", choices=["profile", "bf16", "compile", "multi", "malloc", "all"])
+    p.add_argument("lever", choices=["profile", "bf16", "compile", "multi", "malloc", "loss", "all"])
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
@@ -294,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine_info("cpu")
     print(f"{info['cpu']}, 1 thread, CPU clock, malloc tuned {tuned}, torch {info['torch']}, "
           f"load {info.get('loadavg_1m')}")
-    levers = ["profile", "bf16", "compile", "multi", "malloc"] if args.lever == "all" else [args.lever]
+    levers = ["profile", "bf16", "compile", "multi", "malloc", "loss"] if args.lever == "all" else [args.lever]
     out = {"benchmark": "tiny_levers", "machine": info, "config": vars(args)}
     for lever in levers:
         out[lever] = globals()[f"lever_{lever}"](args)
