@@ -323,9 +323,12 @@ def lever_loss(args) -> dict:
     return {"ms": res, "speedup_vs_F": {k: res["F.cross_entropy"] / ms for k, ms in res.items()}}
 
 
+LEVERS = ("profile", "bf16", "compile", "multi", "malloc", "loss")  # each a lever_<name>(args) above
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("lever", choices=["profile", "bf16", "compile", "multi", "malloc", "loss", "all"])
+    p.add_argument("lever", choices=[*LEVERS, "all"])
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=8)
@@ -346,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine_info("cpu")
     print(f"{info['cpu']}, 1 thread, CPU clock, malloc tuned {tuned}, torch {info['torch']}, "
           f"load {info.get('loadavg_1m')}")
-    levers = ["profile", "bf16", "compile", "multi", "malloc", "loss"] if args.lever == "all" else [args.lever]
+    levers = list(LEVERS) if args.lever == "all" else [args.lever]
     out = {"benchmark": "tiny_levers", "machine": info, "config": vars(args)}
     for lever in levers:
         out[lever] = globals()[f"lever_{lever}"](args)
