@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from moelab.config import ModelConfig
 
@@ -28,6 +29,14 @@ def tiny_config(**overrides) -> ModelConfig:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_blas_thread():
+    """One BLAS thread per test worker: `make test` runs two workers on two cores, and OpenBLAS's idle threads spin
+    (the product's own fits already limit themselves: laws.fitting.solve)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -334,6 +334,24 @@ def test_select_starts_keeps_best_and_spread_points():
     assert len(fitting.select_starts(form, X, z, 1e-3, full, None)) == 4500
 
 
+def test_fits_run_blas_on_one_thread(monkeypatch):
+    """Two fits side by side on the 2-core CI machine ran 5-40x slower with OpenBLAS's default thread pool (its
+    threads spin on matrices of a few runs by a few parameters): every L-BFGS-B run must see one BLAS thread."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen: list[int] = []
+    real = fitting.minimize
+
+    def spy(*a, **k):
+        seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        return real(*a, **k)
+
+    monkeypatch.setattr(fitting, "minimize", spy)
+    with threadpool_limits(limits=2, user_api="blas"):  # what a 2-core machine starts with
+        laws.fit(laws.get_form("chinchilla"), chinchilla_data(), n_boot=2, holdout=0.1, max_starts=4)
+    assert seen and set(seen) == {1}
+
+
 def test_huber_is_quadratic_inside_delta_and_linear_outside():
     rho, psi = fitting.huber(np.array([-0.01, -5e-4, 0.0, 5e-4, 0.01]), 1e-3)
     np.testing.assert_allclose(rho, [1e-3 * (0.01 - 5e-4), 0.5 * 2.5e-7, 0, 0.5 * 2.5e-7, 1e-3 * (0.01 - 5e-4)])

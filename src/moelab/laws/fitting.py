@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from .base import Data, LawDataError, LawForm, column
 
@@ -111,7 +112,15 @@ def solve(form: LawForm, X: Any, z: np.ndarray, delta: float | None, starts: np.
     """(best θ, its objective, starts in its basin, distinct end points best first) for one table.
 
     Every start runs to a moderate tolerance; the ``polish`` best distinct end points are refined to tight ones.
+    BLAS runs on one thread here: the matrices are a few runs by a few parameters, so more threads only spin, and on
+    a busy machine (two fits side by side on 2 cores) OpenBLAS's spinning threads made each fit 5-40x slower.
     """
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _solve(form, X, z, delta, starts, polish)
+
+
+def _solve(form: LawForm, X: Any, z: np.ndarray, delta: float | None, starts: np.ndarray,
+           polish: int) -> tuple[np.ndarray, float, int, np.ndarray]:
     closed = form.solve(X, z)
     if closed is not None:
         val, _ = _objective(closed, form, X, z, delta)
