@@ -182,6 +182,9 @@ LM_EVAL_CASES = {
                                           ["--moelab_data_dir", "no such directory"]),
     "data_dir_without_task_files": lambda env, tmp: (_lm_eval(env, "--moelab_data_dir", str(tmp)),
                                                      ["--moelab_data_dir", "no task's data files"]),
+    "code_task_with_data_dir": lambda env, tmp: (
+        ["--model", "moelab", "--model_args", f"pretrained={env.ckpt}", "--tasks=gsm8k,humaneval", "--moelab_data_dir",
+         str(env.data)], ["--tasks humaneval", "no offline lm-eval variant", "moelab eval --tasks humaneval"]),
     "data_dir_twice": lambda env, tmp: (
         _lm_eval(env, "--moelab_data_dir", str(env.data), "--moelab_data_dir", str(tmp)),
         "--moelab_data_dir given twice"),

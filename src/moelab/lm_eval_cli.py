@@ -18,6 +18,8 @@ What the wrapper adds around lm-eval's CLI, so that bad input is one line ``moel
   refused too) and lm-eval's ``hf`` backend gets ``use_safetensors=True``, so transformers cannot fall back to
   unpickling ``pytorch_model.bin``;
 * an unknown task is a one-line error instead of lm-eval's traceback;
+* with ``--moelab_data_dir``, a code task (humaneval, mbpp, ...) is a one-line error pointing to ``moelab eval``:
+  it has no offline variant, and lm-eval's built-in one would download its data and run code unsandboxed;
 * lm-eval's own log lines are held back until the tasks and the model are accepted, then shown in order — so
   a rejected input prints nothing but its error.
 """
@@ -53,6 +55,29 @@ def _pop_data_dir(args: list[str]) -> tuple[list[str], str | None]:
                 raise ConfigError(f"lm-eval: {DATA_FLAG} given twice")
             return rest, value
     return list(args), None
+
+
+def _task_names(args: list[str]) -> list[str]:
+    """The names given to ``--tasks`` (``--tasks a,b`` or ``--tasks=a,b``), as lm-eval splits them."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--tasks="):
+            return [t for t in arg.split("=", 1)[1].split(",") if t]
+        if arg == "--tasks" and i + 1 < len(args):
+            return [t for t in args[i + 1].split(",") if t]
+    return []
+
+
+def check_no_code_tasks(args: list[str]) -> None:
+    """With ``--moelab_data_dir`` the user asked for offline local data, but the code tasks have no local variant
+    (lm-eval's own YAML downloads its dataset at load time and runs generated code unsandboxed): refuse them by name
+    instead of letting lm-eval's built-in task run in their place."""
+    from .tasks import TASKS
+
+    code = [t for t in _task_names(args) if t in TASKS and TASKS[t].functions is not None]
+    if code:
+        raise ConfigError(f"lm-eval: --tasks {','.join(code)}: no offline lm-eval variant (lm-eval's own YAML "
+                          f"downloads from the Hub and runs generated code unsandboxed); use moelab eval --tasks "
+                          f"{','.join(code)} (sandboxed pass@k on the same local data)")
 
 
 def check_model_args(args: dict[str, Any], hf_backend: bool) -> dict[str, Any]:
@@ -194,6 +219,7 @@ def run(argv: list[str] | None = None) -> int:
 
             if not Path(data_dir).is_dir():
                 raise ConfigError(f"lm-eval: {DATA_FLAG} {data_dir}: no such directory")
+            check_no_code_tasks(args)
             if not export_task_yamls(tmp, data_dir):
                 raise ConfigError(f"lm-eval: {DATA_FLAG} {data_dir}: no task's data files found "
                                   "(layout: docs/evaluation.md)")
