@@ -7,14 +7,13 @@ second, instead of after the model and lm-eval's tasks are loaded — or, for ``
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .fileio import check_can_create
 from .tasks import TASKS, get_task
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
@@ -101,17 +100,7 @@ def check_output_file(path: str | Path, flag: str = "--out") -> Path:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{flag} {p}: is a directory; give a file path, e.g. {p / 'RESULT.json'}")
-    anc = p.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise ConfigError(f"{flag} {p}: {anc} is a file, not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=anc, prefix=".moelab-probe-")
-    except OSError as e:
-        raise ConfigError(f"{flag} {p}: cannot create files in {anc} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(probe)
+    check_can_create(p, p.parent, flag)
     return p
 
 

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .errors import ConfigError
+
 
 def write_atomic(
     path: str | Path, write: Callable[[str], None], *, fsync: bool = False, mode: int | None = None
@@ -36,6 +38,23 @@ def write_atomic(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_can_create(path: Path, start: Path, flag: str) -> None:
+    """Before any work: the nearest existing ancestor of ``start`` (``path`` itself, or its parent for a file) is a
+    directory this process can create files in, probed with a temp file that is removed at once. ``path`` and
+    ``flag`` only name the culprit in the one-line error."""
+    anc = start
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{flag} {path}: {anc} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=anc, prefix=".moelab-probe-")
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create files in {anc} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, **kw: Any) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import tempfile
 import warnings
@@ -35,7 +34,7 @@ import torch
 from .config import GRPOConfig
 from .errors import CheckpointError, ConfigError, DataError
 from .evalmodel import EvalModel, load_tokenizer
-from .fileio import write_json_atomic, write_jsonl_atomic
+from .fileio import check_can_create, write_json_atomic, write_jsonl_atomic
 from .hf import copy_tokenizer_files, from_hf_config, read_hf_config, require_safetensors
 from .rewards import REWARDS, AnswerReward, MathReward, reward_functions, task_reward
 from .taskdata import find_data_file, iter_records
@@ -284,17 +283,7 @@ def check_out_dir(out: Path, src: Path) -> None:
         raise ConfigError(f"--out {out} is the input checkpoint; choose another directory")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")
-    anc = out
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise ConfigError(f"--out {out}: {anc} is a file, not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=anc, prefix=".moelab-probe-")
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot create files in {anc} ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(probe)
+    check_can_create(out, out, "--out")
 
 
 class _MetricsLog:
