@@ -240,11 +240,37 @@ def test_text_and_html_name_every_claim_with_its_verdict():
     assert "&lt;" not in frag.replace("<", "")  # escaped text only where text is
 
 
-def test_chance_note_when_reasoning_is_at_the_guessing_baseline():
-    df = table(rea=lambda r: 100 / 7, noise=1.0)
-    c = claims_by_key(df, chance={REA: 1 / 7})["b"]
-    assert "guessing baseline" in c.sentence
+def test_a_skill_no_configuration_learned_cannot_resolve_a_claim():
+    """Every configuration below guessing (the full preset after 128 steps: memory 0.3-0.7 % against 4.2 %) with a
+    planted, tight effect: without the baseline it resolves (so the gate is what changes it), with it the claims
+    on that skill are not resolved and say why; the other skill's claims are untouched."""
+    below = lambda r: 0.5 + 0.3 * math.log2(r["total"] / 65_824)  # noqa: E731  rises with total, all < 4.2 %
+    df = table(mem=below, rea=_ranked, noise=0.05)
+    chance = {MEM: 0.042, REA: 1 / 7}
+    assert claims_by_key(df)["a"].verdict == "reproduced"
+    gated = claims_by_key(df, chance=chance)
+    assert gated["a"].verdict == "not resolved"
+    assert "not learned" in gated["a"].sentence and "memory accuracy (guessing 4.2 %)" in gated["a"].sentence
+    assert gated["a"].primary.verdict == "reproduced"  # the contrast itself is kept for reading
+    assert gated["b"].sentence == claims_by_key(df)["b"].sentence  # reasoning was learned: (b) is not gated
+    assert "memory accuracy" in gated["c"].sentence and gated["c"].verdict == "not resolved"  # (c) needs both
+
+
+def test_reasoning_at_the_guessing_baseline_gates_b_c_d_but_not_a():
+    df = table(mem=lambda r: 20 + 5 * math.log2(r["total"] / 65_824), rea=lambda r: 100 / 7, noise=1.0,
+               grpo=lambda a: a, maj=lambda a: a)
+    c = claims_by_key(df, chance={MEM: 0.042, REA: 1 / 7})
+    assert c["a"].verdict == "reproduced"
+    for k in "bcd":
+        assert c[k].verdict == "not resolved" and "guessing baseline" in c[k].sentence, k
     assert "guessing baseline" not in claims_by_key(table(rea=_ranked), chance={REA: 1 / 7})["b"].sentence
+
+
+def test_one_configuration_above_guessing_is_learned():
+    from moelab.claims import learned, study_runs
+
+    runs = study_runs(table(rea=lambda r: 100 / 7 + 30 * (r["k"] == 4), noise=1.0))
+    assert learned(runs, "acc.rea", 1 / 7) and not learned(runs, "acc.rea", 0.5) and learned(runs, "acc.rea", None)
 
 
 def test_stability_check_flags_only_reproduced_against_contradicted():

@@ -18,7 +18,9 @@ conditional on the evaluated item set (item-by-configuration interactions shared
 Verdict of one contrast: *reproduced* when its interval lies entirely on the side the paper predicts, *contradicted*
 when entirely on the other side, *not resolved* otherwise or with fewer than two paired seeds. Accuracy (in points)
 decides a claim's verdict; task loss (bits per answer token, lower is better: continuous and less noisy) is shown
-beside it. A claim made of two parts ((c), (d)) is reproduced when both are, contradicted when either is.
+beside it. A claim made of two parts ((c), (d)) is reproduced when both are, contradicted when either is. A claim
+about a skill that no configuration learned (none above the guessing baseline, when it is given) is *not resolved*:
+differences between models that all answer at or below guessing cannot test it.
 
 Torch-free (numpy, scipy, pandas). Entry points: :func:`evaluate_claims` (a study table, the output of
 :func:`moelab.analysis.build_table`), :func:`study_claims` (a study directory), :func:`claims_html` (an HTML
@@ -260,18 +262,30 @@ def _configs_complete(runs: pd.DataFrame, col: str) -> pd.DataFrame:
     return kept if not kept.empty else r
 
 
-def _at_chance(runs: pd.DataFrame, col: str, chance: float | None, level: float) -> bool:
-    """Every configuration's mean over seeds has ``chance`` inside its t interval (nothing above guessing)."""
+def learned(runs: pd.DataFrame, col: str, chance: float | None, level: float = 0.95) -> bool:
+    """Some configuration is above guessing: the lower end of its t interval over seeds (its mean, with one seed)
+    exceeds ``chance`` (a fraction). True when the baseline is unknown (nothing to gate on)."""
     if chance is None:
-        return False
+        return True
     r = runs[runs[col].notna()]
-    if r.empty:
-        return False
     for _, g in r.groupby("config"):
-        _, low, high = t_interval(g[col], level)
-        if not (np.isfinite(low) and low <= 100 * chance <= high):
-            return False
-    return True
+        mean, low, _ = t_interval(g[col], level)
+        if (low if np.isfinite(low) else mean) > 100 * chance:
+            return True
+    return False
+
+
+def _not_learned(claim: Claim, skills: list[tuple[str, float]]) -> Claim:
+    """The claim cannot be tested: a skill it is about was not learned by any configuration. Differences between
+    models that all answer at or below guessing (malformed answers, or a constant guess) measure nothing the claim
+    is about, however narrow their intervals, so the verdict is *not resolved*; the contrasts stay for reading."""
+    what = " and ".join(f"{name} accuracy (guessing {100 * c:.1f} %)" for name, c in skills)
+    why = f"not learned: no configuration's {what} is above guessing"
+    claim.sentence += (f" Not resolved: {why}, so the differences between configurations cannot test the claim "
+                       "(every configuration is at or below the guessing baseline).")
+    claim.verdict = "not resolved"
+    claim.parts = [why, *claim.parts]
+    return claim
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,7 +335,7 @@ def _ols_coef(sub: pd.DataFrame, col: str) -> float | None:
     return float(np.linalg.lstsq(X, y, rcond=None)[0][2])
 
 
-def claim_active_at_equal_loss(runs: pd.DataFrame, level: float = 0.95, at_chance: bool = False) -> Claim:
+def claim_active_at_equal_loss(runs: pd.DataFrame, level: float = 0.95) -> Claim:
     """(b) Per seed, the coefficient of log2(active parameters) in a linear fit of reasoning accuracy on training
     loss and log2(active) over that seed's configurations: the accuracy gained per doubling of active parameters
     at equal loss (the error-vs-loss plot's vertical offset between top-k lines); expected > 0 (task loss: < 0)."""
@@ -338,7 +352,7 @@ def claim_active_at_equal_loss(runs: pd.DataFrame, level: float = 0.95, at_chanc
     sentence = (f"Reasoning accuracy changes by {acc.describe()} {what} (active ×{act.max() / act.min():.2f}, "
                 f"{len(configs)} configurations, loss = {runs.attrs.get('loss', 'train_loss')}); task loss by "
                 f"{bpt.describe()}.")
-    return Claim("b", CLAIMS["b"], [acc, bpt], acc.verdict, _chance_note(sentence, at_chance),
+    return Claim("b", CLAIMS["b"], [acc, bpt], acc.verdict, sentence,
                  [f"{acc.label}: {acc.verdict}"])
 
 
@@ -351,7 +365,7 @@ def _end_slopes(sub: pd.DataFrame, col: str, z_lo: float, z_hi: float) -> tuple[
     return float(c1 + 2 * c2 * z_lo), float(c1 + 2 * c2 * z_hi)
 
 
-def claim_tpp(runs: pd.DataFrame, level: float = 0.95, at_chance: bool = False) -> Claim:
+def claim_tpp(runs: pd.DataFrame, level: float = 0.95) -> Claim:
     """(c) In the fixed-active class with the most TPP values (≥ 3): per seed, a quadratic in log10(TPP) through
     reasoning accuracy, whose slope must be > 0 at the lowest TPP and < 0 at the highest (an optimum inside the
     range: both are tested, an intersection-union test), and the linear slope of memory accuracy on log10(TPP),
@@ -392,7 +406,7 @@ def claim_tpp(runs: pd.DataFrame, level: float = 0.95, at_chance: bool = False) 
                 f"decade at the lowest TPP and {hi.describe()} at the highest (an interior optimum needs + then −: "
                 f"{optimum}); memory accuracy changes by {mem.describe()} per decade of TPP ({mem.verdict}).")
     contrasts = [weaker, *(c for c in (lo, hi) if c is not weaker), mem, lo_b, hi_b, mem_b]
-    return Claim("c", CLAIMS["c"], contrasts, verdict, _chance_note(sentence, at_chance),
+    return Claim("c", CLAIMS["c"], contrasts, verdict, sentence,
                  [f"reasoning interior optimum: {optimum}", f"{mem.label}: {mem.verdict}"])
 
 
@@ -441,7 +455,7 @@ def _ranking_part(runs: pd.DataFrame, after: str, name: str, level: float) -> tu
     return [c_after, c_before], verdict, text
 
 
-def claim_post_training(runs: pd.DataFrame, level: float = 0.95, at_chance: bool = False) -> Claim:
+def claim_post_training(runs: pd.DataFrame, level: float = 0.95) -> Claim:
     """(d) GRPO (``grpo_after.<task>``) and self-consistency (``maj@N.<task>``, largest N) against greedy accuracy:
     both must keep the clearest resolved greedy ranking (see :func:`_ranking_part`)."""
     contrasts: list[Contrast] = []
@@ -458,36 +472,42 @@ def claim_post_training(runs: pd.DataFrame, level: float = 0.95, at_chance: bool
         texts.append(text)
         parts.append(f"{name}: {v}")
     sentence = "; ".join(texts) + "."
-    return Claim("d", CLAIMS["d"], contrasts, combine(verdicts), _chance_note(sentence, at_chance), parts)
+    return Claim("d", CLAIMS["d"], contrasts, combine(verdicts), sentence, parts)
 
 
 def _unresolved(key: str, why: str) -> Claim:
     return Claim(key, CLAIMS[key], [], "not resolved", f"Not resolved: this study {why}.", [why])
 
 
-def _chance_note(sentence: str, at_chance: bool) -> str:
-    if not at_chance:
-        return sentence
-    return sentence + " Every configuration's reasoning accuracy is within its interval of the guessing baseline."
-
-
 def evaluate_claims(df: pd.DataFrame, *, chance: dict[str, float] | None = None, loss: str = "train_loss",
                     level: float = 0.95) -> list[Claim]:
     """The four claims on a study table (one row per run: :func:`moelab.analysis.build_table`), in order a–d.
 
-    ``chance``: guessing accuracy per task (e.g. moelab.demo.chance_baselines), to say when reasoning is at the
-    baseline everywhere; ``loss``: the training-loss column for (b) (``val_loss`` when it is missing)."""
+    ``chance``: guessing accuracy per task (e.g. moelab.demo.chance_baselines). A claim about a skill that no
+    configuration learned (none above guessing: :func:`learned`) is *not resolved* whatever its contrasts say
+    (:func:`_not_learned`); without ``chance`` nothing is gated. ``loss``: the training-loss column for (b)
+    (``val_loss`` when it is missing)."""
     runs = study_runs(df, loss)
-    rea_tasks = runs.attrs.get("tasks.rea", [])
-    rea_chance = (float(np.mean([chance[t] for t in rea_tasks])) if chance and rea_tasks
-                  and all(t in chance for t in rea_tasks) else None)
-    flat = _at_chance(runs, "acc.rea", rea_chance, level)
-    return [
-        claim_memorization(runs, level),
-        claim_active_at_equal_loss(runs, level, flat),
-        claim_tpp(runs, level, flat),
-        claim_post_training(runs, level, flat),
+
+    def baseline(short: str) -> float | None:
+        tasks = runs.attrs.get(f"tasks.{short}", [])
+        return float(np.mean([chance[t] for t in tasks])) if chance and tasks and all(t in chance for t in tasks) \
+            else None
+
+    gates = {short: (name, baseline(short)) for short, name in (("mem", "memory"), ("rea", "reasoning"))}
+    unlearned = {short: (name, c) for short, (name, c) in gates.items()
+                 if c is not None and not learned(runs, f"acc.{short}", c, level)}
+    claims = [
+        (claim_memorization(runs, level), ["mem"]),
+        (claim_active_at_equal_loss(runs, level), ["rea"]),
+        (claim_tpp(runs, level), ["rea", "mem"]),
+        (claim_post_training(runs, level), ["rea"]),
     ]
+    out = []
+    for claim, needs in claims:
+        missing = [unlearned[k] for k in needs if k in unlearned]
+        out.append(_not_learned(claim, missing) if missing and claim.contrasts else claim)
+    return out
 
 
 def study_claims(study: str | Path, **kw: Any) -> list[Claim]:
