@@ -241,7 +241,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
                    help="seeds of every configuration (init and data order, paired; default: %(default)s)")
     p.add_argument("--scale", default="default", metavar="SCALE",
-                   help="default (12 min on 2 cores) or full (about an hour on 16 cores; docs/demo_design.md)")
+                   help="default (12 min on 2 cores) or full (about 1.25 h on 16 cores; docs/demo_design.md)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live overview")
 
 

@@ -7,7 +7,7 @@
     tested on this study (moelab.claims), and where the time went.
 
 ``--seeds 0,1,2`` (default) picks the seeds (train.seed = data.seed = s, paired across configurations);
-``--scale full`` runs the larger preset (``sweep_demo_full.yaml``, about an hour on a 16-core workstation).
+``--scale full`` runs the larger preset (``sweep_demo_full.yaml``, about 1¼ hours on a 16-core workstation).
 Re-running the same command resumes: finished stages are never redone (moelab.sweep's registry). Everything is
 seeded (synthetic data, tokenizer, initialisation, data order, evaluation). Sizes and the budget arithmetic:
 docs/demo_design.md; the old demo (8 configurations, one seed) stays runnable as ``moelab sweep demo_v1``.
@@ -187,7 +187,7 @@ def run_demo(
     n_boot: int = 200,
 ) -> Path:
     """Sweep → analyze → report → summary for the demo spec into ``out``; returns the report's index.html.
-    ``scale``: "default" (12 minutes on 2 cores) or "full" (about an hour on 16); ``spec`` overrides it.
+    ``scale``: "default" (12 minutes on 2 cores) or "full" (about 1¼ hours on 16); ``spec`` overrides it.
     ``seeds``: replace the spec's ``seeds:`` (default: the preset's 0, 1, 2). ``with_grpo`` None: GRPO stages
     when ``moelab grpo`` is installed."""
     from .analysis import analyze
