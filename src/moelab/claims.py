@@ -281,8 +281,8 @@ def _not_learned(claim: Claim, skills: list[tuple[str, float]]) -> Claim:
     is about, however narrow their intervals, so the verdict is *not resolved*; the contrasts stay for reading."""
     what = " and ".join(f"{name} accuracy (guessing {100 * c:.1f} %)" for name, c in skills)
     why = f"not learned: no configuration's {what} is above guessing"
-    claim.sentence += (f" Not resolved: {why}, so the differences between configurations cannot test the claim "
-                       "(every configuration is at or below the guessing baseline).")
+    claim.sentence += (f" Not resolved, not learned: every configuration's {what} is at or below the guessing "
+                       "baseline, so the differences between configurations cannot test the claim.")
     claim.verdict = "not resolved"
     claim.parts = [why, *claim.parts]
     return claim
@@ -639,7 +639,8 @@ def claims_html(claims: list[Claim]) -> str:
         "<p>Each comparison is paired over seeds (same data order and evaluation items in every configuration); "
         "intervals are 95 % Student-t intervals over the per-seed values. <i>Reproduced</i>: the interval lies on "
         "the side the paper predicts; <i>contradicted</i>: on the other side; <i>not resolved</i>: it includes "
-        "zero, or fewer than two seeds. Accuracy decides; task loss (bits per answer token) is shown beside.</p>\n"
+        "zero, fewer than two seeds, or no configuration learned the skill (none above guessing). Accuracy "
+        "decides; task loss (bits per answer token) is shown beside.</p>\n"
         '<table class="claims-table" style="max-width:100%;table-layout:fixed">\n'
         "<thead><tr><th style=\"width:34%\">claim</th><th>verdict</th><th>effect (accuracy)</th><th>95 % interval"
         "</th><th>seeds</th><th>task loss</th></tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>\n"
