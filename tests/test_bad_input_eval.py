@@ -185,6 +185,9 @@ LM_EVAL_CASES = {
     "code_task_with_data_dir": lambda env, tmp: (
         ["--model", "moelab", "--model_args", f"pretrained={env.ckpt}", "--tasks=gsm8k,humaneval", "--moelab_data_dir",
          str(env.data)], ["--tasks humaneval", "no offline lm-eval variant", "moelab eval --tasks humaneval"]),
+    "code_task_short_flag_with_data_dir": lambda env, tmp: (
+        ["--model", "moelab", "--model_args", f"pretrained={env.ckpt}", "-t", "gsm8k", "mbpp", "--moelab_data_dir",
+         str(env.data)], ["--tasks mbpp", "moelab eval --tasks mbpp"]),
     "data_dir_twice": lambda env, tmp: (
         _lm_eval(env, "--moelab_data_dir", str(env.data), "--moelab_data_dir", str(tmp)),
         "--moelab_data_dir given twice"),

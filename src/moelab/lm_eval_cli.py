@@ -57,14 +57,25 @@ def _pop_data_dir(args: list[str]) -> tuple[list[str], str | None]:
     return list(args), None
 
 
-def _task_names(args: list[str]) -> list[str]:
-    """The names given to ``--tasks`` (``--tasks a,b`` or ``--tasks=a,b``), as lm-eval splits them."""
-    for i, arg in enumerate(args):
-        if arg.startswith("--tasks="):
-            return [t for t in arg.split("=", 1)[1].split(",") if t]
-        if arg == "--tasks" and i + 1 < len(args):
-            return [t for t in args[i + 1].split(",") if t]
-    return []
+def _parse_known(args: list[str]) -> Any:
+    """``--model``, ``--model_args`` and ``--tasks`` as lm-eval's parser reads them (its aliases and actions), the
+    rest ignored; None when they cannot be read (lm-eval then reports its own argument error)."""
+    import argparse
+
+    from lm_eval._cli.utils import MergeDictAction, SplitArgs
+
+    class _Quiet(argparse.ArgumentParser):
+        def error(self, message):  # noqa: ANN001 - argparse's signature
+            raise LookupError(message)
+
+    p = _Quiet(add_help=False)
+    p.add_argument("--model", "-M")
+    p.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction, default=None)
+    p.add_argument("--tasks", "-t", nargs="+", action=SplitArgs, default=None)
+    try:
+        return p.parse_known_args(args)[0]
+    except Exception:  # noqa: BLE001 - lm-eval reports its own argument errors
+        return None
 
 
 def check_no_code_tasks(args: list[str]) -> None:
@@ -73,7 +84,8 @@ def check_no_code_tasks(args: list[str]) -> None:
     instead of letting lm-eval's built-in task run in their place."""
     from .tasks import TASKS
 
-    code = [t for t in _task_names(args) if t in TASKS and TASKS[t].functions is not None]
+    ns = _parse_known(args)
+    code = [t for t in (ns.tasks if ns and ns.tasks else []) if t in TASKS and TASKS[t].functions is not None]
     if code:
         raise ConfigError(f"lm-eval: --tasks {','.join(code)}: no offline lm-eval variant (lm-eval's own YAML "
                           f"downloads from the Hub and runs generated code unsandboxed); use moelab eval --tasks "
@@ -103,19 +115,10 @@ def _precheck_model(args: list[str]) -> None:
     """:func:`check_model_args` on ``--model``/``--model_args`` as lm-eval's parser reads them, before lm-eval
     indexes its ~14k tasks (~40 s); anything this cannot read is left to lm-eval (and checked again when it builds
     the model)."""
-    import argparse
-
-    from lm_eval._cli.utils import MergeDictAction
-
-    class _Quiet(argparse.ArgumentParser):
-        def error(self, message):  # noqa: ANN001 - argparse's signature
-            raise LookupError(message)
-
-    p = _Quiet(add_help=False)
-    p.add_argument("--model", "-M")
-    p.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction, default=None)
+    ns = _parse_known(args)
+    if ns is None:
+        return
     try:
-        ns, _ = p.parse_known_args(args)
         from lm_eval.api.registry import get_model
         from lm_eval.models.huggingface import HFLM
 
